@@ -1,0 +1,34 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="xllava_jax",
+    version="0.1.0",
+    description="JAX-native X-LLaVA: bilingual (Korean + English) LLaVA-1.5 recipe",
+    python_requires=">=3.11",
+    packages=find_packages(include=["xllava_jax", "xllava_jax.*"]),
+    install_requires=[
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "grain==0.2.18",
+        "array_record==0.8.6",
+        "sentencepiece==0.2.3",
+        "tensorflow-datasets==4.9.10",
+        "einops==0.8.2",
+        "numpy==2.4.6",
+        "pillow==13.0.0",
+        "safetensors==0.8.0",
+        "ml_collections",
+        "tqdm",
+    ],
+    extras_require={
+        "test": [
+            "torch==2.13.0",
+            "transformers==5.24.0",
+            "pytest",
+        ],
+    },
+    entry_points={"console_scripts": ["xllava=xllava_jax.cli:main"]},
+)

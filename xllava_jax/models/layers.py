@@ -1,0 +1,106 @@
+"""Building blocks shared by the vision tower, projector and decoder.
+
+Every parameter is an `nnx.Param` carrying `logical_axes` metadata (one name per dimension); the
+training code maps those names onto mesh axes. Kernels are stored `[in, out]`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], dtype, axes: Axes) -> nnx.Param:
+    """A parameter initialised with `init(key, shape, dtype)` and tagged with logical axis names."""
+    if len(axes) != len(shape):
+        raise ValueError(f"{len(axes)} logical axes for a {len(shape)}-d parameter")
+    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=tuple(axes))
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias). kernel: float[in, out]."""
+
+    def __init__(self, din: int, dout: int, axes: Axes, *, use_bias: bool, dtype, param_dtype,
+                 rngs: nnx.Rngs, init_std: float = 0.02):
+        self.kernel = param(rngs, nnx.initializers.normal(init_std), (din, dout), param_dtype, axes)
+        self.bias = param(rngs, nnx.initializers.zeros, (dout,), param_dtype, axes[1:]) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: float[..., in] -> float[..., out]."""
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding table. embedding: float[V, D]."""
+
+    def __init__(self, num: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs, init_std: float = 0.02):
+        self.embedding = param(rngs, nnx.initializers.normal(init_std), (num, dim), param_dtype, ("vocab", "embed"))
+        self.dtype = dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        """ids: int[...] -> float[..., D]. Ids outside the table must be masked by the caller."""
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied output projection. x: float[..., D] -> float[..., V]."""
+        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with scale and bias, computed in float32."""
+
+    def __init__(self, dim: int, *, eps: float, dtype, param_dtype, axis_name: str, rngs: nnx.Rngs):
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), param_dtype, (axis_name,))
+        self.bias = param(rngs, nnx.initializers.zeros, (dim,), param_dtype, (axis_name,))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: float[..., D] -> float[..., D]."""
+        h = x.astype(jnp.float32)
+        mean = h.mean(-1, keepdims=True)
+        var = jnp.square(h - mean).mean(-1, keepdims=True)
+        h = (h - mean) * jax.lax.rsqrt(var + self.eps)
+        return (h * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """LLaMA RMSNorm: normalise in float32, cast back, then scale (HF order of operations)."""
+
+    def __init__(self, dim: int, *, eps: float, dtype, param_dtype, rngs: nnx.Rngs):
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), param_dtype, ("norm",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: float[..., D] -> float[..., D]."""
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.square(h).mean(-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * h.astype(self.dtype)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=False)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu_exact}
+
+
+def remat_block(fn, policy: str):
+    """Wrap a block's call in `nnx.remat` according to the config's policy name."""
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return nnx.remat(fn)
+    return nnx.remat(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
