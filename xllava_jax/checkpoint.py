@@ -1,0 +1,117 @@
+"""Our params-only checkpoints: an orbax directory of parameters plus the model config.
+
+Layout of DIR: `xllava.json` ({"format": "xllava_jax", "kind": "xllava" | "vision", "config": ...,
+"source": the config.json we were converted from, "source_format": its layout}), `params/` (orbax),
+and the tokenizer files, copied along so a checkpoint needs nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from xllava_jax.config import ConfigError, ModelConfig, VisionConfig
+from xllava_jax.models.vision import VisionTower
+from xllava_jax.models.xllava import XLlava
+
+META_FILE = "xllava.json"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "generation_config.json", "chat_template.json", "chat_template.jinja",
+                   "preprocessor_config.json", "processor_config.json", "expansion.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def model_kind(model: nnx.Module) -> str:
+    return "vision" if isinstance(model, VisionTower) else "xllava"
+
+
+def build_abstract(kind: str, cfg: ModelConfig | VisionConfig, remat: str = "none") -> nnx.Module:
+    """An abstract (shape-only) model of the given kind."""
+    if kind == "vision":
+        return nnx.eval_shape(lambda: VisionTower(cfg, remat=remat, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: XLlava(cfg, rngs=nnx.Rngs(0)))
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the tokenizer / processor files that exist in `src` to `dst`; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def save_checkpoint(path: str | Path, model: nnx.Module, *, source: dict[str, Any] | None = None,
+                    source_format: str | None = None, tokenizer_dir: str | Path | None = None) -> Path:
+    """Write `model`'s parameters and config to `path` (created; must not hold a checkpoint)."""
+    path = Path(path).absolute()
+    if (path / "params").exists():
+        raise CheckpointError(f"{path}: already holds a checkpoint; choose an empty --out directory")
+    path.mkdir(parents=True, exist_ok=True)
+    state = nnx.state(model, nnx.Param).to_pure_dict()
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path / "params", state)
+    meta = {"format": "xllava_jax", "kind": model_kind(model), "config": model.cfg.to_dict(),
+            "source": source, "source_format": source_format}
+    (path / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, path)
+    return path
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    meta_path = Path(path) / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{meta_path}: cannot read checkpoint metadata ({e})") from None
+    if meta.get("format") != "xllava_jax" or meta.get("kind") not in ("xllava", "vision"):
+        raise CheckpointError(f"{meta_path}: not an xllava_jax checkpoint")
+    return meta
+
+
+def config_from_meta(meta: dict[str, Any], **overrides) -> ModelConfig | VisionConfig:
+    try:
+        if meta["kind"] == "vision":
+            return VisionConfig.from_dict(meta["config"])
+        return ModelConfig.from_dict(meta["config"]).replace(**overrides)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"bad model config in checkpoint: {e}") from None
+
+
+def load_checkpoint(path: str | Path, *, sharding=None, **overrides) -> tuple[nnx.Module, dict[str, Any]]:
+    """Restore a model saved by `save_checkpoint`. `overrides` replace ModelConfig fields (e.g.
+    dtype, param_dtype, remat); `sharding(logical_axes, shape)` places each parameter.
+    Returns (model, metadata)."""
+    path = Path(path).absolute()
+    meta = read_meta(path)
+    cfg = config_from_meta(meta, **overrides)
+    graphdef, abstract = nnx.split(build_abstract(meta["kind"], cfg))
+
+    def target(var):
+        shard = sharding(var.get_metadata().get("logical_axes"), var.shape) if sharding else None
+        return jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=shard)
+
+    flat = nnx.to_flat_state(abstract)
+    targets = nnx.from_flat_state([(p, v.replace(target(v))) for p, v in flat]).to_pure_dict()
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(path / "params", targets)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CheckpointError(f"{path}: parameters do not fit the config ({str(e).splitlines()[0]})") from None
+    nnx.replace_by_pure_dict(abstract, restored)
+    return nnx.merge(graphdef, abstract), meta

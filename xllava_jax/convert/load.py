@@ -1,0 +1,320 @@
+"""Streaming conversion between Hugging Face directories and our models / checkpoints.
+
+Reading streams one tensor at a time from (sharded) safetensors into an abstract model, shape-checks
+it, and places it on its shard; a checkpoint never exists twice in memory. Writing goes the other
+way, one output shard at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from xllava_jax import checkpoint as ckpt
+from xllava_jax.config import ConfigError
+from xllava_jax.convert import formats, hf
+from xllava_jax.models.vision import VisionTower
+
+Sharding = Callable[[tuple, tuple], Any]
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+class ConversionError(ValueError):
+    """A checkpoint that does not fit: missing, unexpected or mis-shaped tensors, unreadable files."""
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: not found") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+
+
+def weight_files(src: Path, allow_bin: bool = False) -> list[Path]:
+    """The weight files of a HF directory: safetensors (sharded or not), else `.bin` when allowed."""
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if single.endswith(".bin") and not allow_bin:
+            if (src / single).exists() or (src / index_name).exists():
+                raise ConversionError(f"{src}: holds only PyTorch .bin weights; pass --allow-bin to read them "
+                                      "(loaded with torch.load(weights_only=True))")
+            continue
+        if (src / index_name).exists():
+            weight_map = read_json(src / index_name).get("weight_map") or {}
+            return [src / name for name in dict.fromkeys(weight_map.values())]
+        if (src / single).exists():
+            return [src / single]
+    found = sorted(src.glob("*.safetensors"))
+    if found:
+        return found
+    raise ConversionError(f"{src}: no model.safetensors (or index) found")
+
+
+def iter_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, array) pairs of one weight file, one tensor in memory at a time."""
+    if path.suffix == ".bin":
+        yield from _iter_bin(path)
+        return
+    try:
+        with safe_open(str(path), framework="np") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+    except (OSError, RuntimeError, ValueError) as e:
+        if isinstance(e, ConversionError):
+            raise
+        raise ConversionError(f"{path}: cannot read safetensors ({e})") from None
+
+
+def _iter_bin(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    import ml_dtypes
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds; report them as one line
+        raise ConversionError(f"{path}: cannot load with torch.load(weights_only=True) ({e})") from None
+    for key, tensor in state.items():
+        if tensor.dtype == torch.bfloat16:
+            yield key, tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        else:
+            yield key, tensor.numpy()
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _summary(label: str, items: list[str], limit: int = 4) -> str:
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return f"{len(items)} {label}: {', '.join(items[:limit])}{more}"
+
+
+def load_hf_weights(abstract: nnx.Module, sources: list[tuple[Path, str]], src: Path, *, tied: bool,
+                    sharding: Sharding | None = None) -> nnx.Module:
+    """Fill an abstract model from weight files. sources: (file, layout) pairs, read in order; a
+    tensor already loaded from an earlier source is not read again."""
+    graphdef, state = nnx.split(abstract)
+    prefix = _path_prefix(abstract)
+    flat = {prefix + _dotted(p): (p, v) for p, v in nnx.to_flat_state(state)}
+    loaded: dict[str, Any] = {}
+    unexpected, misshaped = [], []
+    for file, fmt in sources:
+        for key, tensor in iter_tensors(file):
+            canon = hf.to_canonical(key, fmt)
+            if canon == hf.IGNORED or (canon == "lm_head.weight" and tied):
+                continue
+            rule = hf.canonical_to_ours(canon) if canon else None
+            if rule is None or rule[0] not in flat:
+                unexpected.append(key)
+                continue
+            path, transform = rule
+            if path in loaded:
+                continue
+            var = flat[path][1]
+            array = hf.to_ours(tensor, transform)
+            if array.shape != tuple(var.shape):
+                misshaped.append(f"{key} {tuple(tensor.shape)} (model expects {hf.hf_shape(var.shape, transform)})")
+                continue
+            array = np.asarray(array, dtype=var.dtype)
+            shard = sharding(var.get_metadata().get("logical_axes"), var.shape) if sharding else None
+            loaded[path] = jax.device_put(array, shard) if shard is not None else jax.numpy.asarray(array)
+    missing = [_hf_name(p, sources[0][1]) for p in flat if p not in loaded]
+    problems = [_summary(label, items) for label, items in
+                (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if items]
+    if problems:
+        raise ConversionError(f"{src}: checkpoint does not fit the config: " + "; ".join(problems))
+    state = nnx.from_flat_state([(p, v.replace(loaded[name])) for name, (p, v) in flat.items()])
+    return nnx.merge(graphdef, state)
+
+
+def _path_prefix(model: nnx.Module) -> str:
+    """A lone vision tower's parameters sit where the full model keeps them, under `vision_tower.`."""
+    return "vision_tower." if isinstance(model, VisionTower) else ""
+
+
+def _hf_name(path: str, fmt: str) -> str:
+    """The checkpoint key a parameter has in layout `fmt` (our path when the layout has none)."""
+    try:
+        return hf.from_canonical(hf.ours_to_canonical(path)[0], fmt)
+    except KeyError:
+        return path
+
+
+def load_hf(src: str | Path, *, vision_src: str | Path | None = None, dtype: str | None = None,
+            param_dtype: str | None = None, remat: str = "none", sharding: Sharding | None = None,
+            allow_bin: bool = False) -> tuple[nnx.Module, dict[str, Any]]:
+    """Read a HF directory in any supported layout. Returns (model, metadata with the layout and
+    source config). The parameter dtype defaults to the checkpoint's."""
+    src = Path(src)
+    if not src.is_dir():
+        raise ConversionError(f"{src}: not a directory")
+    config = read_json(src / "config.json")
+    try:
+        fmt = formats.detect_format(config)
+        sources = [(f, fmt) for f in weight_files(src, allow_bin)]
+        if fmt == "clip":
+            vcfg = formats.vision_from_hf(formats.clip_vision_dict(config))
+            abstract = ckpt.build_abstract("vision", vcfg, remat)
+            model = load_hf_weights(abstract, sources, src, tied=False, sharding=sharding)
+            return model, {"format": fmt, "source": config}
+        vision_config = None
+        if fmt == "llava":
+            vision_dir = Path(vision_src) if vision_src else src / "vision_tower"
+            if vision_src or vision_dir.is_dir():
+                vision_config = read_json(vision_dir / "config.json")
+                sources += [(f, "clip") for f in weight_files(vision_dir, allow_bin)]
+        cfg = formats.model_config_from_hf(config, fmt, vision_config)
+        changes = {"remat": remat}
+        if dtype:
+            changes["dtype"] = dtype
+        if param_dtype:
+            changes["param_dtype"] = param_dtype
+        cfg = cfg.replace(**changes)
+    except ConfigError as e:
+        raise ConversionError(f"{src / 'config.json'}: {e}") from None
+    abstract = ckpt.build_abstract("xllava", cfg)
+    model = load_hf_weights(abstract, sources, src, tied=cfg.text.tie_word_embeddings, sharding=sharding)
+    return model, {"format": fmt, "source": config, "vision_source": vision_config}
+
+
+def _plan_shards(entries: list[tuple[str, Any]], max_bytes: int) -> list[list[tuple[str, Any]]]:
+    shards, current, size = [], [], 0
+    for key, value in entries:
+        nbytes = value.size * value.dtype.itemsize
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append((key, value))
+        size += nbytes
+    return shards + [current] if current else shards
+
+
+def write_safetensors(entries: list[tuple[str, Any, str]], out: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                      progress: Callable[[int], None] | None = None) -> list[str]:
+    """Write (key, our array, transform) entries as HF safetensors, sharded with an index when larger
+    than `max_shard_bytes`. Only one shard is gathered to host memory at a time."""
+    shards = _plan_shards([(k, v) for k, v, _ in entries], max_shard_bytes)
+    transforms = {k: t for k, _, t in entries}
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    weight_map, total = {}, 0
+    for name, shard in zip(names, shards):
+        tensors = {}
+        for key, value in shard:
+            tensors[key] = hf.to_hf(np.asarray(jax.device_get(value)), transforms[key])
+            weight_map[key] = name
+            total += tensors[key].nbytes
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
+        if progress:
+            progress(len(shard))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return names
+
+
+def hf_entries(model: nnx.Module, fmt: str, component: str | None = None) -> list[tuple[str, Any, str]]:
+    """(HF key, array, transform) for every parameter that layout `fmt` stores."""
+    entries = []
+    prefix = _path_prefix(model)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        canon, transform = hf.ours_to_canonical(prefix + _dotted(path))
+        if component and not canon.startswith(component):
+            continue
+        try:
+            key = hf.from_canonical(canon, fmt)
+        except KeyError:
+            continue
+        entries.append((key, var[...], transform))
+    return entries
+
+
+def save_hf(model: nnx.Module, out: str | Path, fmt: str, *, source: dict[str, Any] | None = None,
+            vision_source: dict[str, Any] | None = None, tokenizer_dir: str | Path | None = None,
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write `model` as a HF directory in layout `fmt` (hf-llava, llava, llama, clip). For `llava` the
+    vision tower goes to OUT/vision_tower as a CLIPVisionModel (the original code loads it separately)."""
+    out = Path(out)
+    cfg = model.cfg
+    if isinstance(model, VisionTower):
+        if fmt != "clip":
+            raise ConversionError(f"a vision tower can only be written as --format clip, not {fmt}")
+        config = formats.vision_to_hf(cfg, str(np.dtype(model.patch_embedding.dtype)))
+    else:
+        if fmt == "clip":
+            if cfg.vision is None:
+                raise ConversionError("this model has no vision tower to write as --format clip")
+            return save_hf(model.vision_tower, out, fmt, source=vision_source, tokenizer_dir=None,
+                           max_shard_bytes=max_shard_bytes)
+        try:
+            config = formats.model_config_to_hf(cfg, fmt, source)
+        except ConfigError as e:
+            raise ConversionError(f"cannot write --format {fmt}: {e}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    entries = hf_entries(model, fmt, "vision." if fmt == "clip" else None)
+    if fmt == "llava":
+        entries = [e for e in entries if not e[0].startswith("vision")]
+    write_safetensors(entries, out, max_shard_bytes)
+    (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    if fmt == "llava":
+        save_hf(model.vision_tower, out / "vision_tower", "clip", source=vision_source,
+                max_shard_bytes=max_shard_bytes)
+        config.setdefault("mm_vision_tower", str((out / "vision_tower").absolute()))
+        (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    if tokenizer_dir is not None:
+        ckpt.copy_tokenizer_files(tokenizer_dir, out)
+    return out
+
+
+def load_pretrained(path: str | Path, *, vision_src: str | Path | None = None, dtype: str | None = None,
+                    param_dtype: str | None = None, remat: str = "none", mesh=None, rules=None,
+                    allow_bin: bool = False) -> nnx.Module:
+    """A HF directory (hf-llava, original llava, llama, clip) or one of our checkpoints -> the model.
+
+    `mesh` (with optional logical `rules`) places every parameter on its shard as it is read.
+    """
+    sharding = None
+    if mesh is not None:
+        from xllava_jax.train.sharding import param_sharding
+
+        sharding = param_sharding(mesh, rules)
+    if ckpt.is_checkpoint(path):
+        overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v}
+        if ckpt.read_meta(path)["kind"] == "xllava":
+            overrides["remat"] = remat
+        return ckpt.load_checkpoint(path, sharding=sharding, **overrides)[0]
+    return load_hf(path, vision_src=vision_src, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                   sharding=sharding, allow_bin=allow_bin)[0]
+
+
+def hf_to_checkpoint(src: str | Path, out: str | Path, *, vision_src: str | Path | None = None,
+                     param_dtype: str | None = None, allow_bin: bool = False) -> Path:
+    """`xllava convert hf2jax`: a HF directory -> our checkpoint (tokenizer files copied)."""
+    model, meta = load_hf(src, vision_src=vision_src, param_dtype=param_dtype, allow_bin=allow_bin)
+    source = {"config": meta["source"], "vision": meta.get("vision_source")}
+    return ckpt.save_checkpoint(out, model, source=source, source_format=meta["format"], tokenizer_dir=src)
+
+
+def checkpoint_to_hf(src: str | Path, out: str | Path, fmt: str = "hf-llava",
+                     max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """`xllava convert jax2hf`: our checkpoint -> a HF directory in layout `fmt` (tokenizer files copied)."""
+    if fmt not in hf.FORMATS:
+        raise ConversionError(f"unknown --format {fmt!r}; choose one of {', '.join(hf.FORMATS)}")
+    model, meta = ckpt.load_checkpoint(src)
+    source = meta.get("source") or {}
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConversionError(f"{out}: exists and is not empty")
+    return save_hf(model, out, fmt, source=source.get("config"), vision_source=source.get("vision"),
+                   tokenizer_dir=src, max_shard_bytes=max_shard_bytes)
+
