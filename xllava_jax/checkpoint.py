@@ -62,7 +62,7 @@ def save_checkpoint(path: str | Path, model: nnx.Module, *, source: dict[str, An
     if (path / "params").exists():
         raise CheckpointError(f"{path}: already holds a checkpoint; choose an empty --out directory")
     path.mkdir(parents=True, exist_ok=True)
-    state = nnx.state(model, nnx.Param).to_pure_dict()
+    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path / "params", state)
     meta = {"format": "xllava_jax", "kind": model_kind(model), "config": model.cfg.to_dict(),
@@ -107,7 +107,7 @@ def load_checkpoint(path: str | Path, *, sharding=None, **overrides) -> tuple[nn
         return jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=shard)
 
     flat = nnx.to_flat_state(abstract)
-    targets = nnx.from_flat_state([(p, v.replace(target(v))) for p, v in flat]).to_pure_dict()
+    targets = nnx.to_pure_dict(nnx.from_flat_state([(p, v.replace(target(v))) for p, v in flat]))
     try:
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(path / "params", targets)

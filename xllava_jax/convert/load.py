@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
+from tqdm import tqdm
 
 from xllava_jax import checkpoint as ckpt
 from xllava_jax.config import ConfigError
@@ -99,8 +100,19 @@ def _summary(label: str, items: list[str], limit: int = 4) -> str:
     return f"{len(items)} {label}: {', '.join(items[:limit])}{more}"
 
 
+def _count_tensors(files: list[Path]) -> int | None:
+    try:
+        total = 0
+        for f in files:
+            with safe_open(str(f), framework="np") as handle:
+                total += len(handle.keys())
+        return total
+    except Exception:  # noqa: BLE001 - .bin files or unreadable headers: the bar simply has no total
+        return None
+
+
 def load_hf_weights(abstract: nnx.Module, sources: list[tuple[Path, str]], src: Path, *, tied: bool,
-                    sharding: Sharding | None = None) -> nnx.Module:
+                    sharding: Sharding | None = None, progress: bool = False) -> nnx.Module:
     """Fill an abstract model from weight files. sources: (file, layout) pairs, read in order; a
     tensor already loaded from an earlier source is not read again."""
     graphdef, state = nnx.split(abstract)
@@ -108,8 +120,10 @@ def load_hf_weights(abstract: nnx.Module, sources: list[tuple[Path, str]], src: 
     flat = {prefix + _dotted(p): (p, v) for p, v in nnx.to_flat_state(state)}
     loaded: dict[str, Any] = {}
     unexpected, misshaped = [], []
+    bar = tqdm(total=_count_tensors([f for f, _ in sources]), unit="tensor", desc="reading", disable=not progress)
     for file, fmt in sources:
         for key, tensor in iter_tensors(file):
+            bar.update()
             canon = hf.to_canonical(key, fmt)
             if canon == hf.IGNORED or (canon == "lm_head.weight" and tied):
                 continue
@@ -128,6 +142,7 @@ def load_hf_weights(abstract: nnx.Module, sources: list[tuple[Path, str]], src: 
             array = np.asarray(array, dtype=var.dtype)
             shard = sharding(var.get_metadata().get("logical_axes"), var.shape) if sharding else None
             loaded[path] = jax.device_put(array, shard) if shard is not None else jax.numpy.asarray(array)
+    bar.close()
     missing = [_hf_name(p, sources[0][1]) for p in flat if p not in loaded]
     problems = [_summary(label, items) for label, items in
                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if items]
@@ -152,7 +167,7 @@ def _hf_name(path: str, fmt: str) -> str:
 
 def load_hf(src: str | Path, *, vision_src: str | Path | None = None, dtype: str | None = None,
             param_dtype: str | None = None, remat: str = "none", sharding: Sharding | None = None,
-            allow_bin: bool = False) -> tuple[nnx.Module, dict[str, Any]]:
+            allow_bin: bool = False, progress: bool = False) -> tuple[nnx.Module, dict[str, Any]]:
     """Read a HF directory in any supported layout. Returns (model, metadata with the layout and
     source config). The parameter dtype defaults to the checkpoint's."""
     src = Path(src)
@@ -165,7 +180,7 @@ def load_hf(src: str | Path, *, vision_src: str | Path | None = None, dtype: str
         if fmt == "clip":
             vcfg = formats.vision_from_hf(formats.clip_vision_dict(config))
             abstract = ckpt.build_abstract("vision", vcfg, remat)
-            model = load_hf_weights(abstract, sources, src, tied=False, sharding=sharding)
+            model = load_hf_weights(abstract, sources, src, tied=False, sharding=sharding, progress=progress)
             return model, {"format": fmt, "source": config}
         vision_config = None
         if fmt == "llava":
@@ -183,7 +198,8 @@ def load_hf(src: str | Path, *, vision_src: str | Path | None = None, dtype: str
     except ConfigError as e:
         raise ConversionError(f"{src / 'config.json'}: {e}") from None
     abstract = ckpt.build_abstract("xllava", cfg)
-    model = load_hf_weights(abstract, sources, src, tied=cfg.text.tie_word_embeddings, sharding=sharding)
+    model = load_hf_weights(abstract, sources, src, tied=cfg.text.tie_word_embeddings, sharding=sharding,
+                            progress=progress)
     return model, {"format": fmt, "source": config, "vision_source": vision_config}
 
 
@@ -200,7 +216,7 @@ def _plan_shards(entries: list[tuple[str, Any]], max_bytes: int) -> list[list[tu
 
 
 def write_safetensors(entries: list[tuple[str, Any, str]], out: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                      progress: Callable[[int], None] | None = None) -> list[str]:
+                      progress: bool = False) -> list[str]:
     """Write (key, our array, transform) entries as HF safetensors, sharded with an index when larger
     than `max_shard_bytes`. Only one shard is gathered to host memory at a time."""
     shards = _plan_shards([(k, v) for k, v, _ in entries], max_shard_bytes)
@@ -208,6 +224,7 @@ def write_safetensors(entries: list[tuple[str, Any, str]], out: Path, max_shard_
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map, total = {}, 0
+    bar = tqdm(total=len(entries), unit="tensor", desc=f"writing {out.name}", disable=not progress)
     for name, shard in zip(names, shards):
         tensors = {}
         for key, value in shard:
@@ -215,8 +232,8 @@ def write_safetensors(entries: list[tuple[str, Any, str]], out: Path, max_shard_
             weight_map[key] = name
             total += tensors[key].nbytes
         save_file(tensors, str(out / name), metadata={"format": "pt"})
-        if progress:
-            progress(len(shard))
+        bar.update(len(shard))
+    bar.close()
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
@@ -241,7 +258,7 @@ def hf_entries(model: nnx.Module, fmt: str, component: str | None = None) -> lis
 
 def save_hf(model: nnx.Module, out: str | Path, fmt: str, *, source: dict[str, Any] | None = None,
             vision_source: dict[str, Any] | None = None, tokenizer_dir: str | Path | None = None,
-            max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False) -> Path:
     """Write `model` as a HF directory in layout `fmt` (hf-llava, llava, llama, clip). For `llava` the
     vision tower goes to OUT/vision_tower as a CLIPVisionModel (the original code loads it separately)."""
     out = Path(out)
@@ -255,7 +272,7 @@ def save_hf(model: nnx.Module, out: str | Path, fmt: str, *, source: dict[str, A
             if cfg.vision is None:
                 raise ConversionError("this model has no vision tower to write as --format clip")
             return save_hf(model.vision_tower, out, fmt, source=vision_source, tokenizer_dir=None,
-                           max_shard_bytes=max_shard_bytes)
+                           max_shard_bytes=max_shard_bytes, progress=progress)
         try:
             config = formats.model_config_to_hf(cfg, fmt, source)
         except ConfigError as e:
@@ -264,11 +281,11 @@ def save_hf(model: nnx.Module, out: str | Path, fmt: str, *, source: dict[str, A
     entries = hf_entries(model, fmt, "vision." if fmt == "clip" else None)
     if fmt == "llava":
         entries = [e for e in entries if not e[0].startswith("vision")]
-    write_safetensors(entries, out, max_shard_bytes)
+    write_safetensors(entries, out, max_shard_bytes, progress)
     (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     if fmt == "llava":
         save_hf(model.vision_tower, out / "vision_tower", "clip", source=vision_source,
-                max_shard_bytes=max_shard_bytes)
+                max_shard_bytes=max_shard_bytes, progress=progress)
         config.setdefault("mm_vision_tower", str((out / "vision_tower").absolute()))
         (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     if tokenizer_dir is not None:
@@ -298,15 +315,18 @@ def load_pretrained(path: str | Path, *, vision_src: str | Path | None = None, d
 
 
 def hf_to_checkpoint(src: str | Path, out: str | Path, *, vision_src: str | Path | None = None,
-                     param_dtype: str | None = None, allow_bin: bool = False) -> Path:
+                     param_dtype: str | None = None, allow_bin: bool = False, progress: bool = False) -> Path:
     """`xllava convert hf2jax`: a HF directory -> our checkpoint (tokenizer files copied)."""
-    model, meta = load_hf(src, vision_src=vision_src, param_dtype=param_dtype, allow_bin=allow_bin)
+    if ckpt.is_checkpoint(out) or (Path(out) / "params").exists():
+        raise ConversionError(f"{out}: already holds a checkpoint; choose an empty --out directory")
+    model, meta = load_hf(src, vision_src=vision_src, param_dtype=param_dtype, allow_bin=allow_bin,
+                          progress=progress)
     source = {"config": meta["source"], "vision": meta.get("vision_source")}
     return ckpt.save_checkpoint(out, model, source=source, source_format=meta["format"], tokenizer_dir=src)
 
 
 def checkpoint_to_hf(src: str | Path, out: str | Path, fmt: str = "hf-llava",
-                     max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+                     max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False) -> Path:
     """`xllava convert jax2hf`: our checkpoint -> a HF directory in layout `fmt` (tokenizer files copied)."""
     if fmt not in hf.FORMATS:
         raise ConversionError(f"unknown --format {fmt!r}; choose one of {', '.join(hf.FORMATS)}")
@@ -316,5 +336,5 @@ def checkpoint_to_hf(src: str | Path, out: str | Path, fmt: str = "hf-llava",
     if out.exists() and any(out.iterdir()):
         raise ConversionError(f"{out}: exists and is not empty")
     return save_hf(model, out, fmt, source=source.get("config"), vision_source=source.get("vision"),
-                   tokenizer_dir=src, max_shard_bytes=max_shard_bytes)
+                   tokenizer_dir=src, max_shard_bytes=max_shard_bytes, progress=progress)
 

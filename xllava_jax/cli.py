@@ -1,0 +1,86 @@
+"""The `xllava` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from xllava_jax.config import DTYPES
+
+CONVERT_EXAMPLES = """examples:
+  xllava convert hf2jax --src llava-1.5-7b-hf --out ckpt/llava7b
+  xllava convert hf2jax --src X-LLaVA --vision-src clip-vit-large-patch14-336 --out ckpt/xllava
+  xllava convert jax2hf --src ckpt/xllava --out export/xllava-hf --format hf-llava
+"""
+
+
+def _convert_parser(sub) -> None:
+    convert = sub.add_parser("convert", help="convert checkpoints to and from Hugging Face",
+                             description="Convert checkpoints between Hugging Face directories and ours.",
+                             epilog=CONVERT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    steps = convert.add_subparsers(dest="direction", required=True)
+    h2j = steps.add_parser(
+        "hf2jax", help="HF directory -> our checkpoint", epilog=CONVERT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Read a Hugging Face directory (LlavaForConditionalGeneration in the 4.x or 5.x layout, the "
+                    "original LLaVA / X-LLaVA release, LlamaForCausalLM or CLIPVisionModel) and write our "
+                    "orbax checkpoint with the tokenizer files.")
+    h2j.add_argument("--src", required=True, help="Hugging Face model directory (config.json + safetensors)")
+    h2j.add_argument("--out", required=True, help="output checkpoint directory (created)")
+    h2j.add_argument("--vision-src", help="CLIP directory for the original LLaVA layout's vision tower")
+    h2j.add_argument("--param-dtype", choices=sorted(DTYPES), help="parameter dtype (default: the checkpoint's)")
+    h2j.add_argument("--allow-bin", action="store_true",
+                     help="also read PyTorch .bin weights (through torch.load(weights_only=True))")
+    j2h = steps.add_parser(
+        "jax2hf", help="our checkpoint -> HF directory", epilog=CONVERT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write our checkpoint as a Hugging Face directory (safetensors, config.json, tokenizer files).")
+    j2h.add_argument("--src", required=True, help="our checkpoint directory")
+    j2h.add_argument("--out", required=True, help="output directory (created; must be empty)")
+    j2h.add_argument("--format", default="hf-llava", choices=["hf-llava", "llava", "llama", "clip"],
+                     help="hf-llava: transformers LlavaForConditionalGeneration; llava: the original "
+                          "LLaVA release layout (vision tower in OUT/vision_tower); llama: the LLM alone; "
+                          "clip: the vision tower alone (default: hf-llava)")
+    j2h.add_argument("--max-shard-size", type=float, default=5.0, help="safetensors shard size in GB (default 5)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xllava", description="X-LLaVA in JAX: convert, train, evaluate, serve.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _convert_parser(sub)
+    return parser
+
+
+def _run_convert(args) -> None:
+    from xllava_jax.convert.load import checkpoint_to_hf, hf_to_checkpoint
+
+    if args.direction == "hf2jax":
+        out = hf_to_checkpoint(args.src, args.out, vision_src=args.vision_src, param_dtype=args.param_dtype,
+                               allow_bin=args.allow_bin, progress=True)
+    else:
+        out = checkpoint_to_hf(args.src, args.out, args.format, max_shard_bytes=int(args.max_shard_size * 1024**3),
+                               progress=True)
+    print(f"wrote {out}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from xllava_jax.checkpoint import CheckpointError
+    from xllava_jax.config import ConfigError
+    from xllava_jax.convert.load import ConversionError
+
+    try:
+        if args.command == "convert":
+            _run_convert(args)
+    except (ConversionError, CheckpointError, ConfigError, FileNotFoundError) as e:
+        print(f"xllava: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("xllava: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
