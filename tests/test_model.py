@@ -1,0 +1,90 @@
+"""Model behaviour beyond HF parity: logical axes, remat, loss, packing, bfloat16."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import hf_models as H
+import xllava_jax
+from xllava_jax.config import ModelConfig
+from xllava_jax.models.loss import IGNORE_INDEX, next_token_loss
+from xllava_jax.models.xllava import build_model
+from xllava_jax.train.sharding import LOGICAL_RULES
+
+TINY = ModelConfig.tiny()
+
+
+def test_every_parameter_has_known_logical_axes():
+    model = build_model(TINY)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        axes = var.get_metadata().get("logical_axes")
+        assert axes is not None and len(axes) == var[...].ndim, path
+        assert all(a is None or a in LOGICAL_RULES for a in axes), (path, axes)
+
+
+def _loss_and_grads(model, ids, pixels, labels):
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss_fn(p):
+        logits = nnx.merge(graphdef, p)(ids, pixels)
+        return next_token_loss(logits, labels)[0]
+
+    return jax.value_and_grad(loss_fn)(params)
+
+
+def test_remat_gives_identical_loss_and_gradients():
+    n = TINY.num_image_tokens
+    ids = jnp.asarray([[1] + [TINY.image_token_id] * n + list(range(3, 13))])
+    labels = ids.at[:, : n + 1].set(IGNORE_INDEX)
+    pixels = jnp.asarray(H.images(1))
+    results = [_loss_and_grads(build_model(TINY.replace(remat=r), seed=3), ids, pixels, labels)
+               for r in ("none", "full", "dots")]
+    for loss, grads in results[1:]:
+        assert float(loss) == pytest.approx(float(results[0][0]), rel=1e-6)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(results[0][1])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_loss_matches_transformers(tmp_path):
+    hf = H.llava(seed=9)
+    hf.save_pretrained(tmp_path)
+    ours = xllava_jax.load_pretrained(tmp_path)
+    ids = [H.prompt_ids(H.NUM_PATCHES, 12, seed=1), H.prompt_ids(H.NUM_PATCHES, 12, seed=2)]
+    labels = np.array(ids)
+    labels[:, : H.NUM_PATCHES + 5] = IGNORE_INDEX
+    labels[1, -3:] = IGNORE_INDEX
+    pixels = H.images(2)
+    with torch.no_grad():
+        want = hf(input_ids=torch.tensor(ids), pixel_values=H.to_torch_pixels(pixels),
+                  labels=torch.tensor(labels)).loss.item()
+    loss, count = next_token_loss(ours(jnp.asarray(ids), jnp.asarray(pixels)), jnp.asarray(labels))
+    assert float(loss) == pytest.approx(want, abs=1e-5)
+    assert int(count) == int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def test_no_supervised_token_gives_zero_loss():
+    loss, count = next_token_loss(jnp.zeros((1, 4, 8)), jnp.full((1, 4), IGNORE_INDEX))
+    assert float(loss) == 0.0 and int(count) == 0
+
+
+def test_packed_documents_do_not_attend_to_each_other():
+    model = build_model(TINY.replace(vision=None), seed=4)
+    a, b = list(range(3, 12)), list(range(40, 47))
+    packed = jnp.asarray([a + b])
+    segments = jnp.asarray([[1] * len(a) + [2] * len(b)])
+    positions = jnp.asarray([list(range(len(a))) + list(range(len(b)))])
+    got = np.asarray(model(packed, segment_ids=segments, position_ids=positions))
+    np.testing.assert_allclose(got[0, : len(a)], np.asarray(model(jnp.asarray([a])))[0], atol=1e-5)
+    np.testing.assert_allclose(got[0, len(a):], np.asarray(model(jnp.asarray([b])))[0], atol=1e-5)
+
+
+def test_bfloat16_compute_and_params():
+    model = build_model(TINY.replace(dtype="bfloat16", param_dtype="bfloat16"), seed=5)
+    n = TINY.num_image_tokens
+    ids = jnp.asarray([[1] + [TINY.image_token_id] * n + [5, 6, 7]])
+    logits = model(ids, jnp.asarray(H.images(1)))
+    assert logits.dtype == jnp.bfloat16 and bool(jnp.isfinite(logits).all())
+    assert model.language_model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
