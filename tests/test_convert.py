@@ -123,6 +123,12 @@ def test_original_llava_layout_round_trip(hf_llava, tmp_path):
     again_model = xllava_jax.load_pretrained(tmp_path / "back")
     np.testing.assert_array_equal(np.asarray(again_model(jnp.asarray(llava_ids), jnp.asarray(pixels))),
                                   np.asarray(ours(jnp.asarray(llava_ids), jnp.asarray(pixels))))
+    # transformers reads the exported LLM half (the mm_projector keys are LLaVA's own addition).
+    text_ids = [H.prompt_ids(0, 12, seed=3, with_image=False)]
+    with torch.no_grad():
+        want_text = model(input_ids=torch.tensor(text_ids)).logits.numpy()
+        llm = LlamaForCausalLM.from_pretrained(tmp_path / "back").eval()
+        np.testing.assert_array_equal(llm(input_ids=torch.tensor(text_ids)).logits.numpy(), want_text)
     # transformers' LLaVA embeds the placeholder id, so a sentinel-id model cannot be written as hf-llava.
     assert cli(["convert", "jax2hf", "--src", str(tmp_path / "c"), "--out", str(tmp_path / "hf")]) == 2
 
