@@ -163,3 +163,41 @@ class CheckReport:
 
 def _reason_kind(reason: str) -> str:
     return reason.split(" (")[0].split(": ")[0]
+
+
+def image_problem(image_root: str | Path | None, relpath: str, decode: bool = True) -> str | None:
+    """Why the image a record names cannot be used, or None when it can."""
+    from xllava_jax.data.images import ImageError, load_image
+
+    if image_root is None:
+        return "the record has an image but no image root was given"
+    try:
+        path = resolve_image(image_root, relpath)
+    except PathEscapeError as e:
+        return str(e)
+    if not path.is_file():
+        return f"image {relpath} not found under {image_root}"
+    if decode:
+        try:
+            load_image(path, name=relpath)
+        except ImageError as e:
+            return f"image {e}"
+    return None
+
+
+def check_corpus(path: str | Path, image_root: str | Path | None, *, decode_images: bool = True,
+                 progress: bool = False) -> CheckReport:
+    """Every problem of a corpus: JSON, structure, and (for records with images) the image files."""
+    from tqdm import tqdm
+
+    report = CheckReport()
+    for item in tqdm(read_corpus(path), unit="record", desc="checking", disable=not progress):
+        if isinstance(item, Problem):
+            report.problems.append(item)
+            continue
+        reason = image_problem(image_root, item.image, decode_images) if item.image is not None else None
+        if reason is not None:
+            report.problems.append(Problem(str(path), item.where, item.id, reason))
+        else:
+            report.records += 1
+    return report
