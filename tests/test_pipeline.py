@@ -1,0 +1,124 @@
+"""The grain VIF pipeline: shapes, labels, images, bad records, process shards, exact resume."""
+
+import json
+
+import numpy as np
+import pytest
+
+from data_fixtures import make_vif_corpus, train_tokenizer
+from xllava_jax.data.images import ImageConfig, preprocess
+from xllava_jax.data.pipeline import DataError, VifSpec, encode_record, load_records, vif_dataset
+from xllava_jax.models.loss import IGNORE_INDEX
+
+N_IMG, IMG_ID, SIZE = 4, 499, 16
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pipe")
+    tok = train_tokenizer(d)
+    corpus, root = make_vif_corpus(d, 24)
+    spec = VifSpec(tokenizer=str(tok), num_image_tokens=N_IMG, image_token_id=IMG_ID, image_root=str(root),
+                   image_size=SIZE, max_len=96, system="Be brief.")
+    return d, corpus, root, spec
+
+
+def test_batches_have_static_shapes_and_exact_labels(setup):
+    _, corpus, root, spec = setup
+    records, problems = load_records([corpus])
+    assert len(records) == 24 and not problems
+    it = iter(vif_dataset(records, spec, batch_size=4, seed=1, num_epochs=1))
+    batch = next(it)
+    assert batch["input_ids"].shape == (4, 96) and batch["input_ids"].dtype == np.int32
+    assert batch["pixel_values"].shape == (4, 1, SIZE, SIZE, 3)
+    assert batch["skipped"].tolist() == [0, 0, 0, 0]
+    # Check one example against the encoder and the image processor directly.
+    ids = batch["input_ids"][0]
+    n = int(batch["attention_mask"][0].sum())
+    match = [r for r in records if encode_record(r, spec).input_ids == ids[:n].tolist()]
+    assert len(match) >= 1
+    record = match[0]
+    np.testing.assert_array_equal(batch["labels"][0][:n], encode_record(record, spec).labels)
+    assert (batch["labels"][0][n:] == IGNORE_INDEX).all()
+    if record["image"]:
+        np.testing.assert_array_equal(batch["pixel_values"][0, 0],
+                                      preprocess(root / record["image"], ImageConfig.for_vision(SIZE)))
+        assert (ids == IMG_ID).sum() == N_IMG
+    else:
+        assert (ids == IMG_ID).sum() == 0
+
+
+def test_two_processes_are_disjoint_and_cover_the_epoch(setup):
+    _, corpus, _, spec = setup
+    records, _ = load_records([corpus])
+    seen = []
+    for p in range(2):
+        for batch in vif_dataset(records, spec, batch_size=3, seed=5, num_epochs=1, process_index=p,
+                                 process_count=2):
+            seen += [tuple(row[: m.sum()].tolist()) for row, m in zip(batch["input_ids"], batch["attention_mask"])]
+    full = [tuple(encode_record(r, spec).input_ids[: spec.max_len]) for r in records]
+    assert sorted(seen) == sorted(full)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_gives_the_same_batches(setup, workers):
+    _, corpus, _, spec = setup
+    records, _ = load_records([corpus])
+    ds = vif_dataset(records, spec, batch_size=2, seed=3, num_epochs=2, num_workers=workers)
+    it = iter(ds)
+    for _ in range(5):
+        next(it)
+    state = it.get_state()
+    want = [next(it) for _ in range(6)]  # runs into the second (reshuffled) epoch
+    again = iter(ds)
+    again.set_state(state)
+    for w in want:
+        got = next(again)
+        for key in w:
+            np.testing.assert_array_equal(got[key], w[key])
+    for i in (it, again):
+        if hasattr(i, "close"):
+            i.close()
+
+
+def test_bad_image_is_skipped_counted_or_stops_in_strict_mode(setup, tmp_path, caplog):
+    d, corpus, root, spec = setup
+    lines = corpus.read_text().splitlines()
+    record = json.loads(lines[1])
+    (root / "broken.png").write_bytes(b"\x89PNG broken")
+    record["image"] = "broken.png"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(record) + "\n")
+    records, _ = load_records([bad])
+    batch = next(iter(vif_dataset(records, spec, batch_size=1, num_epochs=1)))
+    assert batch["skipped"].tolist() == [1] and (batch["labels"] == IGNORE_INDEX).all()
+    assert "broken.png" in caplog.text and "bad.jsonl:line 1" in caplog.text
+    strict = VifSpec(**{**spec.__dict__, "strict": True})
+    with pytest.raises(DataError, match="broken.png"):
+        next(iter(vif_dataset(records, strict, batch_size=1, num_epochs=1)))
+
+
+def test_overlong_samples_truncate_or_drop(setup):
+    _, corpus, _, spec = setup
+    records, _ = load_records([corpus])
+    record = next(r for r in records if r["image"])
+    record = {**record, "turns": record["turns"] + [["human", "more " * 60], ["gpt", "yes " * 60]]}
+    first_image = encode_record(record, spec).input_ids.index(IMG_ID)
+    # A cut that would fall inside the image's placeholders moves before them: never a partial image.
+    inside = VifSpec(**{**spec.__dict__, "max_len": first_image + 2})
+    batch = next(iter(vif_dataset([record], inside, batch_size=1, num_epochs=1)))
+    assert batch["truncated"].tolist() == [1] and batch["skipped"].tolist() == [0]
+    assert (batch["input_ids"][0] == IMG_ID).sum() == 0 and batch["attention_mask"][0].sum() == first_image
+    short = VifSpec(**{**spec.__dict__, "max_len": first_image + N_IMG + 6})
+    batch = next(iter(vif_dataset([record], short, batch_size=1, num_epochs=1)))
+    assert batch["truncated"].tolist() == [1] and (batch["input_ids"][0] == IMG_ID).sum() == N_IMG
+    dropped = VifSpec(**{**short.__dict__, "overflow": "drop"})
+    batch = next(iter(vif_dataset([record], dropped, batch_size=1, num_epochs=1)))
+    assert batch["skipped"].tolist() == [1] and (batch["labels"] == IGNORE_INDEX).all()
+
+
+def test_bad_specs():
+    with pytest.raises(DataError, match="overflow"):
+        VifSpec(tokenizer="t", num_image_tokens=4, image_token_id=1, overflow="wrap")
+    with pytest.raises(DataError, match="no room"):
+        VifSpec(tokenizer="t", num_image_tokens=576, image_token_id=1, max_len=500)

@@ -1,0 +1,221 @@
+"""grain input pipeline for VIF corpora: records -> tokens + labels + pixels -> fixed-shape batches.
+
+Order: source (JSON/JSONL records, or ArrayRecord shards from `xllava data build`) -> global seeded
+shuffle (reshuffled each epoch) -> this process's share -> encode (frozen-dataclass transform) ->
+batch -> multiprocess prefetch. Every element has the same shapes, so a training step compiles once.
+
+Bad records never vanish: those the reader rejects are counted and logged before training starts;
+those whose image turns out unusable at load time (or that are too long, with `overflow="drop"`)
+stay in the batch as `skipped=1` with every label ignored, logged with their file, line and reason.
+`strict=True` stops at the first bad record instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grain
+import numpy as np
+
+from xllava_jax.data import conversation as conv
+from xllava_jax.data.images import ImageConfig, ImageError, preprocess
+from xllava_jax.data.tokenizer import Tokenizer
+from xllava_jax.data.vif import Problem, image_problem, read_corpus, resolve_image
+from xllava_jax.models.loss import IGNORE_INDEX
+
+log = logging.getLogger("xllava.data")
+OVERFLOW = ("truncate", "drop")
+
+
+class DataError(ValueError):
+    """Bad data met in strict mode, or a pipeline that cannot be built."""
+
+
+@dataclass(frozen=True)
+class VifSpec:
+    """Everything the encode transform needs; picklable, so grain workers rebuild the same thing."""
+
+    tokenizer: str
+    num_image_tokens: int
+    image_token_id: int
+    template: str = "llava_llama_2"
+    mode: str = "clean"
+    image_root: str | None = None
+    image_size: int = 336
+    aspect: str = "pad"
+    max_len: int = 2048
+    overflow: str = "truncate"
+    system: str | None = None
+    strict: bool = False
+
+    def __post_init__(self):
+        if self.overflow not in OVERFLOW:
+            raise DataError(f"overflow must be one of {OVERFLOW}, got {self.overflow!r}")
+        if self.template not in conv.TEMPLATES:
+            raise DataError(f"unknown template {self.template!r}; choose one of {conv.TEMPLATES}")
+        if self.mode not in conv.MODES:
+            raise DataError(f"unknown mode {self.mode!r}; choose one of {conv.MODES}")
+        if self.max_len <= self.num_image_tokens + 1:
+            raise DataError(f"max_len {self.max_len} leaves no room for text after {self.num_image_tokens} "
+                            "image tokens")
+
+
+_TOKENIZERS: dict[str, Tokenizer] = {}
+
+
+def tokenizer_for(path: str) -> Tokenizer:
+    """One Tokenizer per process and path (grain workers build their own)."""
+    if path not in _TOKENIZERS:
+        _TOKENIZERS[path] = Tokenizer(path)
+    return _TOKENIZERS[path]
+
+
+def encode_record(record: dict, spec: VifSpec) -> conv.Encoded:
+    """Render and tokenise one record (`turns` as (role, text) pairs) under the spec's template."""
+    pieces = conv.render(spec.template, [tuple(t) for t in record["turns"]], system=spec.system)
+    return conv.encode(pieces, tokenizer_for(spec.tokenizer), num_image_tokens=spec.num_image_tokens,
+                       image_token_id=spec.image_token_id, mode=spec.mode)
+
+
+def fit_length(ids: list[int], labels: list[int], spec: VifSpec) -> tuple[list[int], list[int], str | None]:
+    """Truncate (keeping image placeholders whole) or flag an overlong sample: (ids, labels, reason)."""
+    if len(ids) <= spec.max_len:
+        return ids, labels, None
+    if spec.overflow == "drop":
+        return ids, labels, f"{len(ids)} tokens > max_len {spec.max_len} (dropped)"
+    cut = spec.max_len
+    if ids[cut - 1] == spec.image_token_id and ids[cut] == spec.image_token_id:
+        while cut > 0 and ids[cut - 1] == spec.image_token_id:  # never split an image's placeholders
+            cut -= 1
+    return ids[:cut], labels[:cut], None
+
+
+def _example(ids, labels, pixels, spec: VifSpec, skipped: bool, truncated: bool) -> dict[str, np.ndarray]:
+    n = len(ids)
+    pad = spec.max_len - n
+    tok = tokenizer_for(spec.tokenizer)
+    return {
+        "input_ids": np.asarray(ids + [tok.pad_id] * pad, np.int32),
+        "labels": np.asarray((labels if not skipped else [IGNORE_INDEX] * n) + [IGNORE_INDEX] * pad, np.int32),
+        "attention_mask": np.asarray([1] * n + [0] * pad, np.int32),
+        "pixel_values": pixels[None],
+        "skipped": np.int32(skipped),
+        "truncated": np.int32(truncated),
+    }
+
+
+def _blank(spec: VifSpec) -> np.ndarray:
+    return np.zeros((spec.image_size, spec.image_size, 3), np.float32)
+
+
+def _skip(record: dict, reason: str, spec: VifSpec):
+    where = f"{record.get('file', '?')}:{record.get('where', '?')} (id {record.get('id')})"
+    if spec.strict:
+        raise DataError(f"{where}: {reason}")
+    log.warning("skipping %s: %s", where, reason)
+
+
+@dataclass(frozen=True)
+class EncodeVif(grain.transforms.Map):
+    """A raw record -> a fixed-shape example (see `_example`)."""
+
+    spec: VifSpec
+
+    def map(self, record: dict) -> dict[str, np.ndarray]:
+        spec = self.spec
+        enc = encode_record(record, spec)
+        pixels, reason = _blank(spec), None
+        if record.get("image") is not None:
+            reason = image_problem(spec.image_root, record["image"], decode=False)
+            if reason is None:
+                try:
+                    cfg = ImageConfig.for_vision(spec.image_size, spec.aspect)
+                    pixels = preprocess(resolve_image(spec.image_root, record["image"]), cfg, name=record["image"])
+                except ImageError as e:
+                    reason = f"image {e}"
+        ids, labels, overflow = fit_length(enc.input_ids, enc.labels, spec)
+        reason = reason or overflow
+        if reason is not None:
+            _skip(record, reason, spec)
+            ids, labels = ids[: spec.max_len], labels[: spec.max_len]
+        return _example(ids, labels, pixels, spec, reason is not None, len(ids) < len(enc.input_ids))
+
+
+@dataclass(frozen=True)
+class DecodeBuilt(grain.transforms.Map):
+    """A record built by `xllava data build` (tokens + encoded image bytes) -> a fixed-shape example."""
+
+    spec: VifSpec
+
+    def map(self, raw: bytes) -> dict[str, np.ndarray]:
+        spec = self.spec
+        record, image_bytes = unpack_built(raw)
+        pixels, reason = _blank(spec), None
+        if image_bytes:
+            try:
+                pixels = preprocess(image_bytes, ImageConfig.for_vision(spec.image_size, spec.aspect),
+                                    name=record.get("image"))
+            except ImageError as e:
+                reason = f"image {e}"
+        ids, labels, overflow = fit_length(record["input_ids"], record["labels"], spec)
+        reason = reason or overflow
+        if reason is not None:
+            _skip(record, reason, spec)
+            ids, labels = ids[: spec.max_len], labels[: spec.max_len]
+        return _example(ids, labels, pixels, spec, reason is not None, len(ids) < len(record["input_ids"]))
+
+
+def pack_built(record: dict, image_bytes: bytes) -> bytes:
+    """The ArrayRecord payload of one built record: 4-byte JSON length, JSON, image bytes."""
+    head = json.dumps(record, ensure_ascii=False).encode("utf-8")
+    return len(head).to_bytes(4, "little") + head + image_bytes
+
+
+def unpack_built(raw: bytes) -> tuple[dict, bytes]:
+    """Inverse of `pack_built`."""
+    n = int.from_bytes(raw[:4], "little")
+    return json.loads(raw[4: 4 + n]), raw[4 + n:]
+
+
+def load_records(paths: list[str | Path], strict: bool = False) -> tuple[list[dict], list[Problem]]:
+    """Usable records (as picklable dicts) of several corpora, and the problems met reading them."""
+    records, problems = [], []
+    for path in paths:
+        for item in read_corpus(path):
+            if isinstance(item, Problem):
+                if strict:
+                    raise DataError(str(item))
+                log.warning("skipping %s", item)
+                problems.append(item)
+            else:
+                records.append({"id": item.id, "turns": [list(t) for t in item.turns], "image": item.image,
+                                "lang": item.lang, "where": item.where, "file": str(path)})
+    if not records:
+        raise DataError(f"no usable records in {', '.join(str(p) for p in paths)}")
+    return records, problems
+
+
+def vif_dataset(source, spec: VifSpec, *, batch_size: int, seed: int = 0, num_epochs: int | None = None,
+                process_index: int = 0, process_count: int = 1, num_workers: int = 0,
+                built: bool = False) -> grain.IterDataset:
+    """Batches for one JAX process. `source`: a list of record dicts (`load_records`) or, with
+    built=True, a grain data source of `pack_built` payloads (e.g. an ArrayRecordDataSource).
+
+    Each batch: input_ids, labels, attention_mask int32[B, L]; pixel_values float32[B, 1, S, S, 3];
+    skipped, truncated int32[B]. Processes read disjoint shares of each (reshuffled) epoch.
+    """
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
+    ds = ds[process_index::process_count]
+    ds = ds.map(DecodeBuilt(spec) if built else EncodeVif(spec)).batch(batch_size, drop_remainder=True)
+    it = ds.to_iter_dataset()
+    if num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(num_workers=num_workers))
+    return it
+
