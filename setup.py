@@ -22,6 +22,7 @@ setup(
         "safetensors==0.8.0",
         "ml_collections",
         "tqdm",
+        "importlib_resources",  # tensorflow-datasets imports it lazily when building a dataset
     ],
     extras_require={
         "test": [

@@ -120,7 +120,8 @@ def _skip(record: dict, reason: str, spec: VifSpec):
 
 @dataclass(frozen=True)
 class EncodeVif(grain.transforms.Map):
-    """A raw record -> a fixed-shape example (see `_example`)."""
+    """A raw record -> a fixed-shape example (see `_example`). The image comes from `image_bytes`
+    when the record carries them (TFDS-built corpora), else from `image` under the image root."""
 
     spec: VifSpec
 
@@ -129,11 +130,14 @@ class EncodeVif(grain.transforms.Map):
         enc = encode_record(record, spec)
         pixels, reason = _blank(spec), None
         if record.get("image") is not None:
-            reason = image_problem(spec.image_root, record["image"], decode=False)
+            source = record.get("image_bytes")
+            if source is None:
+                reason = image_problem(spec.image_root, record["image"], decode=False)
+                source = None if reason else resolve_image(spec.image_root, record["image"])
             if reason is None:
                 try:
                     cfg = ImageConfig.for_vision(spec.image_size, spec.aspect)
-                    pixels = preprocess(resolve_image(spec.image_root, record["image"]), cfg, name=record["image"])
+                    pixels = preprocess(source, cfg, name=record["image"])
                 except ImageError as e:
                     reason = f"image {e}"
         ids, labels, overflow = fit_length(enc.input_ids, enc.labels, spec)
@@ -201,13 +205,15 @@ def load_records(paths: list[str | Path], strict: bool = False) -> tuple[list[di
 def vif_dataset(source, spec: VifSpec, *, batch_size: int, seed: int = 0, num_epochs: int | None = None,
                 process_index: int = 0, process_count: int = 1, num_workers: int = 0,
                 built: bool = False) -> grain.IterDataset:
-    """Batches for one JAX process. `source`: a list of record dicts (`load_records`) or, with
-    built=True, a grain data source of `pack_built` payloads (e.g. an ArrayRecordDataSource).
+    """Batches for one JAX process. `source`: record dicts (a list from `load_records`, or the
+    `build.tfds_records` dataset) or, with built=True, a grain data source of `pack_built` payloads
+    (`build.array_record_source`).
 
     Each batch: input_ids, labels, attention_mask int32[B, L]; pixel_values float32[B, 1, S, S, 3];
     skipped, truncated int32[B]. Processes read disjoint shares of each (reshuffled) epoch.
     """
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
+    ds = source if isinstance(source, grain.MapDataset) else grain.MapDataset.source(source)
+    ds = ds.shuffle(seed=seed).repeat(num_epochs)
     ds = ds[process_index::process_count]
     ds = ds.map(DecodeBuilt(spec) if built else EncodeVif(spec)).batch(batch_size, drop_remainder=True)
     it = ds.to_iter_dataset()
