@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xllava", description="X-LLaVA in JAX: convert, train, evaluate, serve.")
     sub = parser.add_subparsers(dest="command", required=True)
     _convert_parser(sub)
+    from xllava_jax.data.cli import add_data_parser
+
+    add_data_parser(sub)
     return parser
 
 
@@ -69,11 +72,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     from xllava_jax.checkpoint import CheckpointError
     from xllava_jax.config import ConfigError
     from xllava_jax.convert.load import ConversionError
+    from xllava_jax.data.conversation import ConversationError
+    from xllava_jax.data.images import ImageError
+    from xllava_jax.data.pipeline import DataError
+    from xllava_jax.data.text import CorpusError
+    from xllava_jax.data.tokenizer import TokenizerError
 
+    user_errors = (ConversionError, CheckpointError, ConfigError, FileNotFoundError, ConversationError, ImageError,
+                   DataError, CorpusError, TokenizerError)
     try:
         if args.command == "convert":
             _run_convert(args)
-    except (ConversionError, CheckpointError, ConfigError, FileNotFoundError) as e:
+        elif args.command == "data":
+            from xllava_jax.data.cli import run_data
+
+            return run_data(args)
+    except user_errors as e:
         print(f"xllava: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

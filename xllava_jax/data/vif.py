@@ -201,3 +201,14 @@ def check_corpus(path: str | Path, image_root: str | Path | None, *, decode_imag
         else:
             report.records += 1
     return report
+
+
+def check_corpus_many(paths: list[str | Path], image_root: str | Path | None, *, decode_images: bool = True,
+                      progress: bool = False) -> CheckReport:
+    """`check_corpus` over several files, as one report."""
+    total = CheckReport()
+    for path in paths:
+        report = check_corpus(path, image_root, decode_images=decode_images, progress=progress)
+        total.records += report.records
+        total.problems += report.problems
+    return total

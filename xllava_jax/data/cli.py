@@ -1,0 +1,143 @@
+"""`xllava data ...`: check, show, build (and synth) VIF corpora."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from xllava_jax.config import PRESETS, ModelConfig
+from xllava_jax.data import conversation as conv
+
+EXAMPLES = """examples:
+  xllava data check --corpus llava_instruct_ko.json --image-root coco/train2017
+  xllava data show --corpus vif.jsonl --tokenizer ckpt/xllava --template llava_llama_2 --limit 2
+  xllava data show --corpus vif.jsonl --tokenizer tokenizer.model --template vicuna_v1 --mode llava --json
+  xllava data build --corpus vif.jsonl --image-root images --tokenizer tokenizer.model --out built/
+"""
+
+
+def _common(p: argparse.ArgumentParser, image_root_required: bool = False) -> None:
+    p.add_argument("--corpus", required=True, nargs="+", help="LLaVA-format JSON or JSONL file(s)")
+    p.add_argument("--image-root", required=image_root_required, help="directory the records' image paths are under")
+
+
+def _encoding(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", required=True, help="tokenizer.model, or a directory holding it")
+    p.add_argument("--template", default="llava_llama_2", choices=conv.TEMPLATES, help="(default: %(default)s)")
+    p.add_argument("--mode", default="clean", choices=conv.MODES,
+                   help="clean: ids of the template string; llava: the original LLaVA code's ids (default: clean)")
+    p.add_argument("--system", help="system prompt (default: the template's)")
+    p.add_argument("--preset", default="xllava_13b", choices=PRESETS,
+                   help="model preset giving the image token count and placeholder id (default: %(default)s)")
+
+
+def add_data_parser(sub) -> argparse.ArgumentParser:
+    data = sub.add_parser("data", help="check, show and build VIF corpora", epilog=EXAMPLES,
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          description="Work with visual-instruction corpora in LLaVA's conversation format.")
+    steps = data.add_subparsers(dest="data_command", required=True)
+    check = steps.add_parser("check", help="report every bad record; exit 1 if any", epilog=EXAMPLES,
+                             formatter_class=argparse.RawDescriptionHelpFormatter,
+                             description="Check JSON, roles, turns, <image> tags and image files (decoded); print "
+                                         "each problem with file, line or id, and reason, then counts.")
+    _common(check)
+    check.add_argument("--no-decode", action="store_true", help="check image files exist but do not decode them")
+    check.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    show = steps.add_parser("show", help="what the model sees: tokens with supervised spans marked", epilog=EXAMPLES,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description="Render and tokenise records. Supervised tokens are shown inside "
+                                        "[[...]]; with --json one object per record: id, input_ids, labels.")
+    _common(show)
+    _encoding(show)
+    show.add_argument("--json", action="store_true", help="one JSON object per record")
+    show.add_argument("--limit", type=int, help="show only the first N records")
+    build = steps.add_parser("build", help="tokenise into ArrayRecord shards or a TFDS dataset", epilog=EXAMPLES,
+                             formatter_class=argparse.RawDescriptionHelpFormatter,
+                             description="Write usable records as ArrayRecord shards (tokenised, image bytes "
+                                         "embedded) or, with --format tfds, as the TFDS dataset vif_corpus.")
+    _common(build, image_root_required=True)
+    _encoding(build)
+    build.add_argument("--out", required=True, help="output directory")
+    build.add_argument("--format", default="array_record", choices=("array_record", "tfds"))
+    build.add_argument("--shards", type=int, default=1, help="ArrayRecord shard count (default 1)")
+    return data
+
+
+def _spec_kwargs(args) -> dict:
+    cfg = ModelConfig.preset(args.preset)
+    return dict(tokenizer=args.tokenizer, num_image_tokens=cfg.num_image_tokens, image_token_id=cfg.image_token_id,
+                template=args.template, mode=args.mode, system=args.system)
+
+
+def _show_text(tok, record: dict, enc, image_token_id: int) -> str:
+    """Decoded record: supervised runs inside [[...]], images as <image xN>, bos/eos spelled out."""
+    specials = {tok.bos_id: "<s>", tok.eos_id: "</s>"}
+    ids, labels = enc.input_ids, enc.labels
+    out: list[str] = []
+    i = 0
+    while i < len(ids):
+        j = i
+        if ids[i] == image_token_id:
+            while j < len(ids) and ids[j] == image_token_id:
+                j += 1
+            out.append(f"<image x{j - i}>")
+        else:
+            sup = labels[i] != -100
+            while j < len(ids) and ids[j] != image_token_id and (labels[j] != -100) == sup:
+                j += 1
+            text, run = "", []
+            for t in ids[i:j] + [None]:
+                if t is None or t in specials:
+                    text += tok.decode(run) + (specials[t] if t is not None else "")
+                    run = []
+                else:
+                    run.append(t)
+            out.append(f"[[{text}]]" if sup else text)
+        i = j
+    header = (f"== {record['id']} ({record['file']}:{record['where']}, {len(ids)} tokens, "
+              f"{sum(lab != -100 for lab in labels)} supervised)")
+    return header + "\n" + "".join(out)
+
+
+def run_data(args) -> int:
+    """Run a `data` subcommand; returns the exit code."""
+    from xllava_jax.data import pipeline, vif
+
+    if args.data_command == "check":
+        report = vif.check_corpus_many(args.corpus, args.image_root, decode_images=not args.no_decode,
+                                       progress=sys.stderr.isatty())
+        if args.json:
+            print(json.dumps({"records": report.records, "problems": [str(p) for p in report.problems],
+                              "reasons": dict(report.reasons)}, ensure_ascii=False))
+        else:
+            for p in report.problems:
+                print(p)
+            reasons = ", ".join(f"{k}: {v}" for k, v in report.reasons.most_common())
+            print(f"{report.records} usable records, {len(report.problems)} problems" + (f" ({reasons})" if reasons else ""))
+        return 1 if report.problems else 0
+    if args.data_command == "show":
+        spec = pipeline.VifSpec(**_spec_kwargs(args), max_len=10**9)
+        records, problems = pipeline.load_records(args.corpus)
+        for p in problems:
+            print(f"skipped {p}", file=sys.stderr)
+        tok = pipeline.tokenizer_for(spec.tokenizer)
+        for record in records[: args.limit]:
+            enc = pipeline.encode_record(record, spec)
+            if args.json:
+                print(json.dumps({"id": record["id"], "input_ids": enc.input_ids, "labels": enc.labels}))
+            else:
+                print(_show_text(tok, record, enc, spec.image_token_id))
+        return 0
+    from xllava_jax.data import build
+
+    if args.format == "tfds":
+        summary = build.build_tfds(args.corpus, args.image_root, args.out)
+    else:
+        spec = pipeline.VifSpec(**_spec_kwargs(args), image_root=args.image_root, max_len=10**9)
+        summary = build.build_array_record(args.corpus, spec, args.out, num_shards=args.shards,
+                                           progress=sys.stderr.isatty())
+    for p in summary["problems"]:
+        print(f"skipped {p}", file=sys.stderr)
+    print(f"wrote {summary['records']} records to {args.out} ({len(summary['problems'])} skipped)")
+    return 0
