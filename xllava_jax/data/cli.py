@@ -61,6 +61,9 @@ def add_data_parser(sub) -> argparse.ArgumentParser:
     build.add_argument("--out", required=True, help="output directory")
     build.add_argument("--format", default="array_record", choices=("array_record", "tfds"))
     build.add_argument("--shards", type=int, default=1, help="ArrayRecord shard count (default 1)")
+    from xllava_jax.data.synthetic import add_synth_parser
+
+    add_synth_parser(steps)
     return data
 
 
@@ -104,6 +107,10 @@ def run_data(args) -> int:
     """Run a `data` subcommand; returns the exit code."""
     from xllava_jax.data import pipeline, vif
 
+    if args.data_command == "synth":
+        from xllava_jax.data.synthetic import run_synth
+
+        return run_synth(args)
     if args.data_command == "check":
         report = vif.check_corpus_many(args.corpus, args.image_root, decode_images=not args.no_decode,
                                        progress=sys.stderr.isatty())
