@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     from xllava_jax.data.cli import add_data_parser
 
     add_data_parser(sub)
+    from xllava_jax.tokenizer.cli import add_vocab_parser
+
+    add_vocab_parser(sub)
     return parser
 
 
@@ -76,13 +79,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from xllava_jax.data.images import ImageError
     from xllava_jax.data.pipeline import DataError
     from xllava_jax.data.text import CorpusError
-    from xllava_jax.data.tokenizer import TokenizerError
+    from xllava_jax.tokenizer.expand import TokenizerError
 
     user_errors = (ConversionError, CheckpointError, ConfigError, FileNotFoundError, ConversationError, ImageError,
                    DataError, CorpusError, TokenizerError)
     try:
         if args.command == "convert":
             _run_convert(args)
+        elif args.command == "vocab":
+            from xllava_jax.tokenizer.cli import run_vocab
+
+            run_vocab(args)
         elif args.command == "data":
             from xllava_jax.data.cli import run_data
 

@@ -15,9 +15,7 @@ from pathlib import Path
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-
-class TokenizerError(ValueError):
-    """A tokenizer file that cannot be used."""
+from xllava_jax.tokenizer.expand import TokenizerError
 
 
 def tokenizer_file(path: str | Path) -> Path:
