@@ -4,8 +4,8 @@ import importlib.util
 import json
 
 import pytest
-
 from data_fixtures import make_vif_corpus, train_tokenizer
+
 from xllava_jax.data.build import array_record_source, build_array_record, build_tfds, tfds_records
 from xllava_jax.data.pipeline import VifSpec, load_records, vif_dataset
 

@@ -9,8 +9,15 @@ import re
 import pytest
 import sentencepiece as spm
 
-from xllava_jax.data.conversation import (IGNORE_INDEX, LLAMA2_SYSTEM, VICUNA_SYSTEM, ConversationError, encode,
-                                          render, template_text)
+from xllava_jax.data.conversation import (
+    IGNORE_INDEX,
+    LLAMA2_SYSTEM,
+    VICUNA_SYSTEM,
+    ConversationError,
+    encode,
+    render,
+    template_text,
+)
 from xllava_jax.data.tokenizer import Tokenizer
 
 IMG, N_IMG = 999, 4

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hf_models as H
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,7 +16,6 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from transformers import LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
-import hf_models as H
 import xllava_jax
 from xllava_jax.cli import main as cli
 from xllava_jax.config import LLAVA_IMAGE_TOKEN_INDEX

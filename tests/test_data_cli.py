@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from data_fixtures import make_vif_corpus, train_tokenizer
+
 from xllava_jax.cli import main as cli
 from xllava_jax.data.pipeline import VifSpec, encode_record, load_records
 

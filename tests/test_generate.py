@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import hf_models as H
 import jax
 import numpy as np
 import pytest
 import torch
 
-import hf_models as H
 import xllava_jax
 from xllava_jax.infer import generate as G
 

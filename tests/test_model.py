@@ -1,5 +1,6 @@
 """Model behaviour beyond HF parity: logical axes, remat, loss, packing, bfloat16."""
 
+import hf_models as H
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +8,6 @@ import pytest
 import torch
 from flax import nnx
 
-import hf_models as H
 import xllava_jax
 from xllava_jax.config import ModelConfig
 from xllava_jax.models.loss import IGNORE_INDEX, next_token_loss

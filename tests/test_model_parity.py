@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import hf_models as H
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-import hf_models as H
 import xllava_jax
 
 TOL = 1e-4

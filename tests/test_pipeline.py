@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 import pytest
-
 from data_fixtures import make_vif_corpus, train_tokenizer
+
 from xllava_jax.data.images import ImageConfig, preprocess
 from xllava_jax.data.pipeline import DataError, VifSpec, encode_record, load_records, vif_dataset
 from xllava_jax.models.loss import IGNORE_INDEX

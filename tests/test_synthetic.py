@@ -16,8 +16,16 @@ import pytest
 from xllava_jax.data import synth_phrases as ph
 from xllava_jax.data.korean import PARTICLES, final_consonant, josa, native_number, particle
 from xllava_jax.data.synth_scenes import RGB, Obj, Question, Scene
-from xllava_jax.data.synthetic import (KINDS, SHORT_ANSWER_EN, SHORT_ANSWER_KO, TASKS, SynthError, add_synth_parser,
-                                       run_synth, synthesize)
+from xllava_jax.data.synthetic import (
+    KINDS,
+    SHORT_ANSWER_EN,
+    SHORT_ANSWER_KO,
+    TASKS,
+    SynthError,
+    add_synth_parser,
+    run_synth,
+    synthesize,
+)
 from xllava_jax.data.vif import Problem, read_corpus, resolve_image
 
 SMALL = {"num_images": 40, "num_heldout": 10, "text_lines": 60}

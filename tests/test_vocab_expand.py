@@ -1,10 +1,8 @@
 """`xllava vocab expand` / `resize`: the guarantees of issue #3, on tokenizers trained here on generated text."""
 
-import argparse
 import itertools
 import json
 import random
-import sys
 
 import numpy as np
 import pytest
@@ -21,8 +19,8 @@ from vocab_text import (
     train_model,
 )
 
-from xllava_jax.tokenizer.cli import add_vocab_parser, run_vocab
-from xllava_jax.tokenizer.expand import TokenizerError, expand_tokenizer, read_expansion
+from xllava_jax.cli import main as xllava_main
+from xllava_jax.tokenizer.expand import expand_tokenizer, read_expansion
 from xllava_jax.tokenizer.stats import count_tokens
 
 BASE_SIZE = 2000
@@ -40,15 +38,8 @@ ALL CAPS HEADLINE: NASA, ESA & JAXA AGREE ON 2030 PLAN!!!
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Parse and run `xllava vocab ...` as `xllava.cli.main` does: errors become one stderr line and exit 2."""
-    parser = argparse.ArgumentParser(prog="xllava")
-    add_vocab_parser(parser.add_subparsers(dest="command", required=True))
-    try:
-        run_vocab(parser.parse_args(["vocab", *argv]))
-        code = 0
-    except TokenizerError as e:
-        print(f"xllava: error: {e}", file=sys.stderr)
-        code = 2
+    """Run `xllava vocab ...` through the real entry point: errors are one stderr line and exit 2."""
+    code = xllava_main(["vocab", *argv])
     out, err = capsys.readouterr()
     return code, out, err
 

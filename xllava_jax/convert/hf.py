@@ -8,6 +8,7 @@ onto our parameter paths with a per-tensor transform. Writing runs the same tabl
 from __future__ import annotations
 
 import re
+
 import numpy as np
 
 IGNORED = "<ignored>"

@@ -112,7 +112,8 @@ def tfds_records(data_dir: str | Path, split: str = "train") -> grain.MapDataset
 
 
 def _tfds_to_record(ex: dict) -> dict:
-    text = {k: ex[k].decode("utf-8") if isinstance(ex[k], bytes) else str(ex[k]) for k in ("id", "conversations", "lang")}
+    text = {k: ex[k].decode("utf-8") if isinstance(ex[k], bytes) else str(ex[k])
+            for k in ("id", "conversations", "lang")}
     image = ex["image"]
     return {"id": text["id"], "turns": json.loads(text["conversations"]), "image": "<embedded>" if image else None,
             "image_bytes": bytes(image) if image else None, "lang": text["lang"] or None,

@@ -121,7 +121,8 @@ def run_data(args) -> int:
             for p in report.problems:
                 print(p)
             reasons = ", ".join(f"{k}: {v}" for k, v in report.reasons.most_common())
-            print(f"{report.records} usable records, {len(report.problems)} problems" + (f" ({reasons})" if reasons else ""))
+            tail = f" ({reasons})" if reasons else ""
+            print(f"{report.records} usable records, {len(report.problems)} problems{tail}")
         return 1 if report.problems else 0
     if args.data_command == "show":
         spec = pipeline.VifSpec(**_spec_kwargs(args), max_len=10**9)

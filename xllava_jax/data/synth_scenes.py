@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import NamedTuple
 
 import numpy as np
@@ -130,7 +130,7 @@ def _background(scene: Scene, size: int, noise: np.random.Generator) -> np.ndarr
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 

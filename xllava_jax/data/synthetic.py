@@ -34,10 +34,20 @@ from tqdm import tqdm
 
 from xllava_jax.data import synth_phrases as ph
 from xllava_jax.data.korean import native_number
+
 # SHORT_ANSWER_EN / _KO: the evaluation's short-answer prompt suffixes, exported here for the demo and scorers.
 from xllava_jax.data.synth_phrases import LANGS, SHORT_ANSWER_EN, SHORT_ANSWER_KO, SUFFIX  # noqa: F401
-from xllava_jax.data.synth_scenes import (KINDS, MAX_OBJECTS, Question, Scene, applicable_kinds, draw_scene,
-                                          make_question, sample_scene, scene_graph)
+from xllava_jax.data.synth_scenes import (
+    KINDS,
+    MAX_OBJECTS,
+    Question,
+    Scene,
+    applicable_kinds,
+    draw_scene,
+    make_question,
+    sample_scene,
+    scene_graph,
+)
 
 TASKS = ("object", "location", "atmosphere", "conversation")
 

@@ -45,7 +45,8 @@ class Tokenizer:
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.unk_id
         specials = {self.sp.id_to_piece(i): i for i in (self.bos_id, self.eos_id, self.unk_id) if i >= 0}
         self._specials = specials
-        self._special_re = re.compile("(" + "|".join(re.escape(p) for p in sorted(specials, key=len, reverse=True)) + ")")
+        alternatives = "|".join(re.escape(p) for p in sorted(specials, key=len, reverse=True))
+        self._special_re = re.compile(f"({alternatives})")
 
     @property
     def vocab_size(self) -> int:
