@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,7 +205,7 @@ def load_records(paths: list[str | Path], strict: bool = False) -> tuple[list[di
 
 def vif_dataset(source, spec: VifSpec, *, batch_size: int, seed: int = 0, num_epochs: int | None = None,
                 process_index: int = 0, process_count: int = 1, num_workers: int = 0,
-                built: bool = False) -> grain.IterDataset:
+                read_threads: int | None = None, built: bool = False) -> grain.IterDataset:
     """Batches for one JAX process. `source`: record dicts (a list from `load_records`, or the
     `build.tfds_records` dataset) or, with built=True, a grain data source of `pack_built` payloads
     (`build.array_record_source`).
@@ -216,7 +217,10 @@ def vif_dataset(source, spec: VifSpec, *, batch_size: int, seed: int = 0, num_ep
     ds = ds.shuffle(seed=seed).repeat(num_epochs)
     ds = ds[process_index::process_count]
     ds = ds.map(DecodeBuilt(spec) if built else EncodeVif(spec)).batch(batch_size, drop_remainder=True)
-    it = ds.to_iter_dataset()
+    # Threads inside each process: image decoding releases the GIL, so without worker processes a few
+    # threads use the cores; with workers, one thread each avoids oversubscribing them.
+    threads = read_threads if read_threads is not None else (1 if num_workers else min(os.cpu_count() or 1, 8))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * batch_size))
     if num_workers > 0:
         from absl import flags
 
