@@ -75,3 +75,36 @@ def test_iterator_state_round_trip(corpus):
     again.set_state(state)
     for w in want:
         np.testing.assert_array_equal(next(again)["input_ids"], w)
+
+
+def test_array_record_and_tfds_text_sources(corpus, tmp_path):
+    import tensorflow_datasets as tfds
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    docs = ["첫 번째 문서입니다.", "the second document", "세 번째"]
+    writer = ArrayRecordWriter(str(tmp_path / "docs.array_record"), "group_size:1")
+    for i, d in enumerate(docs):
+        writer.write(d.encode() if i % 2 else json.dumps({"text": d}).encode())
+    writer.close()
+    source = open_source(f"array_record:{tmp_path}/*.array_record")
+    assert [source[i] for i in range(3)] == docs
+
+    class TextDocs(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = tfds.features.FeaturesDict({"text": tfds.features.Text()})
+            return tfds.core.DatasetInfo(builder=self, features=features)
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, d in enumerate(docs):
+                yield str(i), {"text": d}
+
+    TextDocs(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
+    source = open_source(f"tfds:text_docs/train@{tmp_path / 'tfds'}")
+    assert sorted(source[i] for i in range(len(source))) == sorted(docs)
+    ds = text_dataset([f"tfds:text_docs/train@{tmp_path / 'tfds'}"], str(corpus / "tok.model"), seq_len=32)
+    assert next(iter(ds))["input_ids"].shape == (32,)
