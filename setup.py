@@ -28,6 +28,7 @@ setup(
         "test": [
             "torch==2.13.0",
             "transformers==5.24.0",
+            "peft==0.21.2",
             "pytest",
         ],
     },
