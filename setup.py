@@ -23,6 +23,8 @@ setup(
         "ml_collections",
         "tqdm",
         "importlib_resources",  # tensorflow-datasets imports it lazily when building a dataset
+        "tensorboardX==2.6.5",
+        "matplotlib==3.11.2",
     ],
     extras_require={
         "test": [

@@ -45,6 +45,39 @@ def _convert_parser(sub) -> None:
     j2h.add_argument("--max-shard-size", type=float, default=5.0, help="safetensors shard size in GB (default 5)")
 
 
+TRAIN_EXAMPLES = """examples:
+  xllava train --config configs/align.py:demo --config.init=runs/pretrain/final \\
+      --config.data.corpus=synth/captions_en.json,synth/captions_ko.json --config.data.image_root=synth \\
+      --workdir runs/align
+  xllava train --config configs/vif.py:xllava_13b --config.init=runs/align/final --config.train.steps=3000 \\
+      --config.mesh.fsdp=8 --workdir runs/vif
+Rerunning the same command resumes from the workdir's latest checkpoint.
+"""
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train one stage (llm_pretrain, align, vif)", epilog=TRAIN_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train one X-LLaVA stage from a config file; any key can be overridden with "
+                                   "--config.KEY=VALUE. Metrics go to WORKDIR/metrics.jsonl and TensorBoard.")
+    p.add_argument("--config", required=True, help="configs/STAGE.py:PRESET (PRESET: demo, xllava_13b, ...)")
+    p.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics, final params)")
+    p.add_argument("--coordinator", help="host:port of process 0, for multi-process runs without auto-detection")
+    p.add_argument("--num-processes", type=int, help="number of processes (with --coordinator)")
+    p.add_argument("--process-id", type=int, help="this process's index (with --coordinator)")
+
+
+def _run_train(args, overrides: list[str]) -> None:
+    from xllava_jax.train.config import apply_overrides, load_config
+    from xllava_jax.train.distributed import initialize
+    from xllava_jax.train.trainer import train
+
+    initialize(args.coordinator, args.num_processes, args.process_id)
+    config = apply_overrides(load_config(args.config), overrides)
+    out = train(config, args.workdir)
+    print(f"wrote {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xllava", description="X-LLaVA in JAX: convert, train, evaluate, serve.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     from xllava_jax.tokenizer.cli import add_vocab_parser
 
     add_vocab_parser(sub)
+    _train_parser(sub)
     return parser
 
 
@@ -71,7 +105,9 @@ def _run_convert(args) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
+    args = build_parser().parse_args([a for a in argv if not a.startswith("--config.")])
     from xllava_jax.checkpoint import CheckpointError
     from xllava_jax.config import ConfigError
     from xllava_jax.convert.load import ConversionError
@@ -80,12 +116,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from xllava_jax.data.pipeline import DataError
     from xllava_jax.data.text import CorpusError
     from xllava_jax.tokenizer.expand import TokenizerError
+    from xllava_jax.train.trainer import TrainingError
 
     user_errors = (ConversionError, CheckpointError, ConfigError, FileNotFoundError, ConversationError, ImageError,
-                   DataError, CorpusError, TokenizerError)
+                   DataError, CorpusError, TokenizerError, TrainingError)
     try:
         if args.command == "convert":
             _run_convert(args)
+        elif args.command == "train":
+            _run_train(args, overrides)
         elif args.command == "vocab":
             from xllava_jax.tokenizer.cli import run_vocab
 

@@ -1,0 +1,71 @@
+"""Keys shared by the three stage configs. `get_config` in each stage file fills in the stage's own
+values; every key can be overridden with `--config.KEY=VALUE` on the command line."""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Presets runnable on one CPU machine in minutes (the demo) and the paper's 13B recipe.
+DEMO_MODEL = dict(preset="tiny")
+
+
+def base(stage: str, preset: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = stage
+    c.seed = 42
+    c.init = ""              # params-only checkpoint (HF directory or ours) to start from; "" = random init
+    c.tokenizer = ""         # tokenizer.model or a directory holding it (default: the init checkpoint's)
+    c.output = ""            # where the final params-only checkpoint goes (default: WORKDIR/final)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "tiny" if preset == "demo" else preset
+    c.model.dtype = "float32"          # compute dtype (bfloat16 for mixed precision)
+    c.model.param_dtype = "float32"    # master weights
+    c.model.remat = "none"             # none | full | dots
+
+    c.data = ml_collections.ConfigDict()
+    c.data.corpus = ""       # VIF JSON/JSONL files, comma-separated (align, vif)
+    c.data.image_root = ""
+    c.data.text = ""         # text corpora, comma-separated (llm_pretrain)
+    c.data.weights = ""      # mixing weights for data.text, comma-separated
+    c.data.template = "llava_llama_2"
+    c.data.mode = "clean"    # clean | llava
+    c.data.aspect = "pad"    # pad | crop | resize
+    c.data.max_len = 2048
+    c.data.overflow = "truncate"
+    c.data.strict = False
+    c.data.num_workers = 0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.batch_size = 128         # global batch (all processes)
+    c.train.grad_accum = 1
+    c.train.lr = 2e-5
+    c.train.projector_lr = -1.0      # < 0: same as lr
+    c.train.warmup_ratio = 0.03
+    c.train.schedule = "cosine"      # cosine | constant
+    c.train.weight_decay = 0.0
+    c.train.b1 = 0.9
+    c.train.b2 = 0.999
+    c.train.eps = 1e-8
+    c.train.clip_norm = 1.0          # <= 0: no clipping
+    c.train.trainable = "projector,llm"   # any of vision, projector, llm, embeddings, lora
+    c.train.skip_nonfinite = False   # skip (and count) steps with a non-finite loss or gradient
+    c.train.log_every = 1
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.r = 0                     # 0: no LoRA
+    c.lora.alpha = 16.0
+    c.lora.dropout = 0.05
+    c.lora.targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1                 # -1: the devices left over
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 200
+    c.checkpoint.keep = 2
+    c.checkpoint.async_save = True
+    return c

@@ -1,0 +1,30 @@
+"""Stage 2: visual instruction tuning. Projector + LLM, template `llava_llama_2`, images padded to
+square. Full fine-tuning (lr 2e-5, batch 128) by default; the paper's LoRA run (r 128, alpha 256,
+lr 2e-4, projector lr 2e-5) is the preset `xllava_13b_lora` (XLLAVA.md section 4).
+
+  xllava train --config configs/vif.py:xllava_13b --config.init=runs/align/final \
+      --config.data.corpus=llava_instruct_en.json,llava_instruct_ko.json,mvif91k.json \
+      --config.data.image_root=images --workdir runs/vif
+"""
+
+from common import base
+
+
+def get_config(preset: str = "demo"):
+    c = base("vif", preset)
+    c.train.trainable = "projector,llm"
+    c.train.lr = 2e-5
+    c.train.batch_size = 128
+    c.data.template = "llava_llama_2"
+    c.data.aspect = "pad"
+    c.lora.alpha = 256.0
+    if preset.endswith("_lora"):
+        c.model.preset = preset[: -len("_lora")]
+        c.lora.r, c.lora.alpha = 128, 256.0
+        c.train.trainable = "projector,lora"
+        c.train.lr, c.train.projector_lr = 2e-4, 2e-5
+    if preset == "demo":
+        c.train.steps, c.train.batch_size, c.data.max_len = 300, 16, 96
+        c.train.lr = 1e-3
+        c.checkpoint.every = 100
+    return c

@@ -1,0 +1,73 @@
+"""Per-step metrics: JSONL (always), TensorBoard event files, and a PNG of the loss curves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsWriter:
+    """Appends one JSON object per step to WORKDIR/metrics.jsonl and mirrors scalars to TensorBoard.
+
+    On resume, lines for steps after the restored checkpoint are dropped first, so the file holds
+    each step once.
+    """
+
+    def __init__(self, workdir: Path, resume_step: int, enabled: bool = True):
+        self.path = Path(workdir) / METRICS_FILE
+        self.enabled = enabled
+        self._tb = None
+        if not enabled:
+            return
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=resume_step + 1)
+        self._file = self.path.open("a")
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **metrics}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        for key, value in metrics.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            self._tb.close()
+
+
+def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
+    path = Path(workdir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def plot_loss(workdirs: dict[str, str | Path], out: str | Path) -> Path:
+    """A PNG of loss against step for one or more runs (label -> workdir)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for label, workdir in workdirs.items():
+        rows = read_metrics(workdir)
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=label, linewidth=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return Path(out)

@@ -1,0 +1,302 @@
+"""`xllava train`: one stage of the recipe (llm_pretrain, align or vif) on a device mesh.
+
+Rerunning the same command resumes from the workdir's latest checkpoint (params, optimizer state,
+step, RNG streams and the data iterator), so a run killed at any point continues exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from xllava_jax import checkpoint as ckpt
+from xllava_jax.config import ConfigError, ModelConfig
+from xllava_jax.models.xllava import XLlava
+from xllava_jax.train import optim
+from xllava_jax.train.metrics import MetricsWriter, plot_loss
+from xllava_jax.train.sharding import MESH_AXES, logical_to_spec
+from xllava_jax.train.step import make_train_step
+
+log = logging.getLogger("xllava.train")
+STAGES = ("llm_pretrain", "align", "vif")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite loss, bad setup); the message says why and where."""
+
+
+class Preempted(TrainingError):
+    """SIGTERM / SIGINT arrived: a checkpoint was saved at the current step."""
+
+
+def make_mesh(mesh_cfg) -> jax.sharding.Mesh:
+    """('data', 'fsdp', 'tensor') over all devices; one size may be -1 for "the rest"."""
+    sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+    n = jax.device_count()
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(f"mesh sizes {sizes}: give positive sizes, at most one -1")
+    known = math.prod(s for s in sizes if s > 0)
+    sizes = [n // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != n:
+        raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, {n} present")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def state_shardings(state, mesh):
+    """NamedShardings for an NNX state: parameters by their logical axes, anything else replicated."""
+
+    def one(var):
+        axes = var.get_metadata().get("logical_axes")
+        spec = logical_to_spec(axes, var.shape, mesh) if axes is not None else PartitionSpec()
+        return var.replace(NamedSharding(mesh, spec))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _model_overrides(config) -> dict:
+    return {"dtype": config.model.dtype, "param_dtype": config.model.param_dtype, "remat": config.model.remat}
+
+
+def build_model(config, mesh) -> XLlava:
+    """The starting model: `init` (HF directory or ours) or a random preset, LoRA applied, sharded."""
+    overrides = _model_overrides(config)
+    if config.init:
+        from xllava_jax.convert.load import load_pretrained
+
+        model = load_pretrained(config.init, mesh=mesh, **overrides)
+    else:
+        # A random model takes its vocabulary from the tokenizer, plus one row for the image placeholder.
+        from xllava_jax.data.tokenizer import Tokenizer
+
+        cfg = ModelConfig.preset(config.model.preset, **overrides)
+        if config.tokenizer:
+            size = Tokenizer(config.tokenizer).vocab_size
+            cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=size + 1), image_token_id=size)
+        model = XLlava(cfg, rngs=nnx.Rngs(config.seed))
+    if config.lora.r > 0:
+        from xllava_jax.models.lora import LoraConfig, apply_lora
+
+        lora = LoraConfig(r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
+                          targets=tuple(t.strip() for t in config.lora.targets.split(",") if t.strip()))
+        apply_lora(model, lora, rngs=nnx.Rngs(config.seed + 1))
+    place(model, mesh)
+    return model
+
+
+def place(model: nnx.Module, mesh) -> None:
+    """Move every variable of `model` onto its shard of `mesh` (in place)."""
+    state = nnx.state(model)
+    shardings = nnx.to_pure_dict(state_shardings(state, mesh))
+    placed = jax.device_put(nnx.to_pure_dict(state), shardings)
+    nnx.replace_by_pure_dict(state, placed)
+    nnx.update(model, state)
+
+
+def _split_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def tokenizer_path(config) -> str:
+    path = config.tokenizer or config.init
+    if not path:
+        raise ConfigError("no tokenizer: set --config.tokenizer (or --config.init to a checkpoint that has one)")
+    return path
+
+
+def make_data(config, model_cfg: ModelConfig, local_batch: int):
+    """This process's batch iterator for the stage, and the records the reader rejected."""
+    from xllava_jax.data.text import text_dataset
+
+    index, count = jax.process_index(), jax.process_count()
+    if config.stage == "llm_pretrain":
+        specs = _split_list(config.data.text)
+        if not specs:
+            raise ConfigError("llm_pretrain needs --config.data.text (comma-separated text corpora)")
+        weights = [float(w) for w in _split_list(config.data.weights)] or None
+        ds = text_dataset(specs, tokenizer_path(config), seq_len=config.data.max_len, weights=weights,
+                          seed=config.seed, process_index=index, process_count=count)
+        return iter(ds.batch(local_batch, drop_remainder=True)), []
+    from xllava_jax.data.pipeline import VifSpec, load_records, vif_dataset
+
+    corpora = _split_list(config.data.corpus)
+    if not corpora:
+        raise ConfigError(f"{config.stage} needs --config.data.corpus (comma-separated VIF JSON/JSONL files)")
+    if model_cfg.vision is None:
+        raise ConfigError(f"{config.stage} needs a model with a vision tower; the init checkpoint has none")
+    records, problems = load_records(corpora, strict=config.data.strict)
+    spec = VifSpec(tokenizer=tokenizer_path(config), num_image_tokens=model_cfg.num_image_tokens,
+                   image_token_id=model_cfg.image_token_id, template=config.data.template, mode=config.data.mode,
+                   image_root=config.data.image_root or None, image_size=model_cfg.vision.image_size,
+                   aspect=config.data.aspect, max_len=config.data.max_len, overflow=config.data.overflow,
+                   strict=config.data.strict)
+    ds = vif_dataset(records, spec, batch_size=local_batch, seed=config.seed, process_index=index,
+                     process_count=count, num_workers=config.data.num_workers)
+    return iter(ds), problems
+
+
+def global_batch(local: dict, mesh) -> dict[str, jax.Array]:
+    """Process-local numpy batches -> global arrays sharded over ('data', 'fsdp') on the batch axis."""
+    sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def model_flops_per_step(model_cfg: ModelConfig, batch: dict, trainable_llm: bool) -> float:
+    """Matmul FLOPs of one step: 6 x LLM params per token (2 without LLM gradients: 4), the frozen
+    tower's forward (2 x params per patch), causal attention (6 x 2 x S^2 x D per layer-sample)."""
+    t, v = model_cfg.text, model_cfg.vision
+    b, s = batch["input_ids"].shape
+    d, f = t.hidden_size, t.intermediate_size
+    kv = t.num_kv_heads * t.dim_per_head
+    per_layer = d * (d + 2 * kv + d) + 3 * d * f
+    llm = t.num_layers * per_layer + d * t.vocab_size
+    factor = 6 if trainable_llm else 4
+    flops = factor * llm * b * s + factor * t.num_layers * 2 * s * s * d * b / 2
+    if v is not None and "pixel_values" in batch:
+        vit = v.num_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
+        flops += 2 * vit * (v.num_patches + 1) * batch["pixel_values"].shape[0] * batch["pixel_values"].shape[1]
+    return float(flops)
+
+
+class _StopFlag:
+    """Set by SIGTERM / SIGINT: the loop saves a checkpoint at the current step and exits."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _checkpoint_manager(workdir: Path, config) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True,
+                                           enable_async_checkpointing=config.checkpoint.async_save)
+    return ocp.CheckpointManager(workdir / "checkpoints", options=options)
+
+
+def train(config, workdir: str | Path) -> Path:
+    """Run (or resume) one stage; returns the params-only checkpoint it writes at the end."""
+    if config.stage not in STAGES:
+        raise ConfigError(f"stage {config.stage!r}: choose one of {STAGES}")
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    main = jax.process_index() == 0
+    if main:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    mesh = make_mesh(config.mesh)
+    data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.train.batch_size % (data_ways * config.train.grad_accum) or config.train.batch_size % jax.process_count():
+        raise ConfigError(f"train.batch_size {config.train.batch_size} must divide by data x fsdp ({data_ways}) x "
+                          f"grad_accum ({config.train.grad_accum}) and by the process count")
+    parts = optim.parse_trainable(config.train.trainable)
+    if "lora" in parts and config.lora.r <= 0:
+        raise ConfigError("train.trainable names lora but lora.r is 0")
+
+    with jax.set_mesh(mesh):
+        model = build_model(config, mesh)
+        model_cfg: ModelConfig = model.cfg
+        graphdef, params, frozen, other = nnx.split(model, optim.trainable_filter(parts), nnx.Param, ...)
+        if not jax.tree.leaves(params):
+            raise ConfigError(f"train.trainable={config.train.trainable!r} selects no parameter of this model")
+        tx, schedules = optim.make_optimizer(config.train, params)
+        params, frozen, other = (nnx.to_pure_dict(s) for s in (params, frozen, other))
+        opt_state = jax.jit(tx.init)(params)
+        state = {"params": params, "opt": opt_state, "other": other, "step": jnp.zeros((), jnp.int32)}
+        state_sharding = jax.tree.map(lambda x: x.sharding, state)
+        frozen_sharding = jax.tree.map(lambda x: x.sharding, frozen)
+        step_fn = jax.jit(make_train_step(graphdef, tx, grad_accum=config.train.grad_accum),
+                          in_shardings=(state_sharding, frozen_sharding, None),
+                          out_shardings=(state_sharding, None), donate_argnums=(0,))
+
+        local_batch = config.train.batch_size // jax.process_count()
+        data, problems = make_data(config, model_cfg, local_batch)
+        manager = _checkpoint_manager(workdir, config)
+        start = 0
+        if manager.latest_step() is not None:
+            start = manager.latest_step()
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+            restored = manager.restore(start, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data)))
+            state, data = restored["state"], restored["data"]
+            log.info("resumed from step %d", start)
+        metrics_out = MetricsWriter(workdir, start, enabled=main)
+        trainable_llm = any(p in parts for p in ("llm", "lora", "embeddings"))
+        bar = tqdm(total=config.train.steps, initial=start, disable=not main, unit="step", desc=config.stage)
+        skipped_nonfinite, skipped_records = 0, len(problems)
+        step = start
+        with _StopFlag() as stop:
+            while step < config.train.steps:
+                batch = global_batch(next(data), mesh)
+                t0 = time.perf_counter()
+                state, m = step_fn(state, frozen, batch)
+                m = jax.device_get(m)
+                elapsed = time.perf_counter() - t0
+                step += 1
+                if not m["finite"]:
+                    if not config.train.skip_nonfinite:
+                        raise TrainingError(f"non-finite loss or gradient at step {step} (loss {m['loss']}, "
+                                            f"grad norm {m['grad_norm']}); the last good checkpoint is step "
+                                            f"{manager.latest_step()} in {workdir / 'checkpoints'}")
+                    skipped_nonfinite += 1
+                skipped_records += int(m.get("skipped_records", 0))
+                tokens = int(np.prod(batch["input_ids"].shape))
+                row = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                       "supervised_tokens": int(m["supervised_tokens"]), "tokens_per_s": tokens / elapsed,
+                       "tflops": model_flops_per_step(model_cfg, batch, trainable_llm) / elapsed / 1e12,
+                       "step_time_s": elapsed, "skipped_records": skipped_records,
+                       "nonfinite_steps_skipped": skipped_nonfinite}
+                row.update({f"lr_{g}": float(s(step - 1)) for g, s in schedules.items()})
+                if step % config.train.log_every == 0 or step == config.train.steps:
+                    metrics_out.write(step, row)
+                bar.update()
+                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                if step % config.checkpoint.every == 0 or step == config.train.steps or stop.signal:
+                    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                               data=grain.checkpoint.CheckpointSave(data)))
+                if stop.signal:
+                    manager.wait_until_finished()
+                    bar.close()
+                    metrics_out.close()
+                    raise Preempted(f"stopped by signal {stop.signal} at step {step}; checkpoint saved in "
+                                    f"{workdir / 'checkpoints'}, rerun the same command to resume")
+        bar.close()
+        metrics_out.close()
+        manager.wait_until_finished()
+        out = Path(config.output or workdir / "final").absolute()
+        final = nnx.merge(graphdef, state["params"], frozen, state["other"])
+        if config.lora.r > 0:
+            from xllava_jax.models.lora import strip_lora
+
+            final = strip_lora(final)
+        if not (out / ckpt.META_FILE).exists():
+            tok = Path(tokenizer_path(config))
+            ckpt.save_checkpoint(out, final, tokenizer_dir=tok.parent if tok.is_file() else tok)
+        if main:
+            plot_loss({config.stage: workdir}, workdir / "loss.png")
+            (workdir / "summary.json").write_text(json.dumps(
+                {"steps": step, "final_checkpoint": str(out), "skipped_records": skipped_records,
+                 "nonfinite_steps_skipped": skipped_nonfinite}, indent=2))
+    return out
