@@ -27,6 +27,7 @@ from xllava_jax import checkpoint as ckpt
 from xllava_jax.config import ConfigError, ModelConfig
 from xllava_jax.models.xllava import XLlava
 from xllava_jax.train import optim
+from xllava_jax.train.flops import model_flops_per_step
 from xllava_jax.train.metrics import MetricsWriter, plot_loss
 from xllava_jax.train.sharding import MESH_AXES, logical_to_spec
 from xllava_jax.train.step import make_train_step
@@ -153,22 +154,6 @@ def global_batch(local: dict, mesh) -> dict[str, jax.Array]:
     sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
-
-def model_flops_per_step(model_cfg: ModelConfig, batch: dict, trainable_llm: bool) -> float:
-    """Matmul FLOPs of one step: 6 x LLM params per token (2 without LLM gradients: 4), the frozen
-    tower's forward (2 x params per patch), causal attention (6 x 2 x S^2 x D per layer-sample)."""
-    t, v = model_cfg.text, model_cfg.vision
-    b, s = batch["input_ids"].shape
-    d, f = t.hidden_size, t.intermediate_size
-    kv = t.num_kv_heads * t.dim_per_head
-    per_layer = d * (d + 2 * kv + d) + 3 * d * f
-    llm = t.num_layers * per_layer + d * t.vocab_size
-    factor = 6 if trainable_llm else 4
-    flops = factor * llm * b * s + factor * t.num_layers * 2 * s * s * d * b / 2
-    if v is not None and "pixel_values" in batch:
-        vit = v.num_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
-        flops += 2 * vit * (v.num_patches + 1) * batch["pixel_values"].shape[0] * batch["pixel_values"].shape[1]
-    return float(flops)
 
 
 class _StopFlag:
