@@ -12,12 +12,14 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
@@ -94,6 +96,7 @@ def build_model(config, mesh) -> XLlava:
         lora = LoraConfig(r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
                           targets=tuple(t.strip() for t in config.lora.targets.split(",") if t.strip()))
         apply_lora(model, lora, rngs=nnx.Rngs(config.seed + 1))
+        model.train()  # adapter dropout on (apply_lora leaves it off)
     place(model, mesh)
     return model
 
@@ -155,6 +158,62 @@ def global_batch(local: dict, mesh) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+    """A run before its first step: the sharded train state and frozen params (see train/step.py),
+    the jitted step (donates the state), and each optimizer group's lr schedule."""
+
+    model_cfg: ModelConfig
+    parts: tuple[str, ...]
+    graphdef: nnx.GraphDef
+    state: dict
+    frozen: dict
+    step_fn: Callable
+    schedules: dict[str, optax.Schedule]
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, params, mesh):
+    """Shardings for `tx.init(params)`: a leaf that mirrors a parameter (Adam's mu and nu, found by
+    the parameter's path at the end of its own) is sharded like it, anything else is replicated."""
+    by_path = {tuple(k.key for k in path): (leaf.shape, leaf.sharding)
+               for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(path, leaf):
+        keys = tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", None))) for k in path)
+        for i in range(len(keys)):
+            shape, sharding = by_path.get(keys[i:], (None, None))
+            if shape == leaf.shape:
+                return sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, jax.eval_shape(tx.init, params))
+
+
+def prepare(config, mesh) -> TrainSetup:
+    """Build the model, split it into trainable / frozen / other state, and jit the step with the
+    state's shardings (call the step inside `jax.set_mesh(mesh)`). The optimizer state exists only
+    for the trainable params and is sharded like them."""
+    parts = optim.parse_trainable(config.train.trainable)
+    if "lora" in parts and config.lora.r <= 0:
+        raise ConfigError("train.trainable names lora but lora.r is 0")
+    optim.lr_schedule(config.train.lr, config.train.steps, config.train.warmup_ratio, config.train.schedule)  # checks
+    model = build_model(config, mesh)
+    graphdef, params, frozen, other = nnx.split(model, optim.trainable_filter(parts), nnx.Param, ...)
+    if not jax.tree.leaves(params):
+        raise ConfigError(f"train.trainable={config.train.trainable!r} selects no parameter of this model")
+    tx, schedules = optim.make_optimizer(config.train, params)
+    params, frozen, other = (nnx.to_pure_dict(s) for s in (params, frozen, other))
+    opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh))(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, PartitionSpec()))
+    state = {"params": params, "opt": opt_state, "other": other, "step": step}
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    frozen_sharding = jax.tree.map(lambda x: x.sharding, frozen)
+    step_fn = jax.jit(make_train_step(graphdef, tx, grad_accum=config.train.grad_accum),
+                      in_shardings=(state_sharding, frozen_sharding, None),
+                      out_shardings=(state_sharding, None), donate_argnums=(0,))
+    return TrainSetup(model.cfg, parts, graphdef, state, frozen, step_fn, schedules)
+
 
 class _StopFlag:
     """Set by SIGTERM / SIGINT: the loop saves a checkpoint at the current step and exits."""
@@ -196,82 +255,34 @@ def train(config, workdir: str | Path) -> Path:
     if config.train.batch_size % (data_ways * config.train.grad_accum) or config.train.batch_size % jax.process_count():
         raise ConfigError(f"train.batch_size {config.train.batch_size} must divide by data x fsdp ({data_ways}) x "
                           f"grad_accum ({config.train.grad_accum}) and by the process count")
-    parts = optim.parse_trainable(config.train.trainable)
-    if "lora" in parts and config.lora.r <= 0:
-        raise ConfigError("train.trainable names lora but lora.r is 0")
-
     with jax.set_mesh(mesh):
-        model = build_model(config, mesh)
-        model_cfg: ModelConfig = model.cfg
-        graphdef, params, frozen, other = nnx.split(model, optim.trainable_filter(parts), nnx.Param, ...)
-        if not jax.tree.leaves(params):
-            raise ConfigError(f"train.trainable={config.train.trainable!r} selects no parameter of this model")
-        tx, schedules = optim.make_optimizer(config.train, params)
-        params, frozen, other = (nnx.to_pure_dict(s) for s in (params, frozen, other))
-        opt_state = jax.jit(tx.init)(params)
-        state = {"params": params, "opt": opt_state, "other": other, "step": jnp.zeros((), jnp.int32)}
-        state_sharding = jax.tree.map(lambda x: x.sharding, state)
-        frozen_sharding = jax.tree.map(lambda x: x.sharding, frozen)
-        step_fn = jax.jit(make_train_step(graphdef, tx, grad_accum=config.train.grad_accum),
-                          in_shardings=(state_sharding, frozen_sharding, None),
-                          out_shardings=(state_sharding, None), donate_argnums=(0,))
-
+        run = prepare(config, mesh)
+        state = run.state
         local_batch = config.train.batch_size // jax.process_count()
-        data, problems = make_data(config, model_cfg, local_batch)
+        data, problems = make_data(config, run.model_cfg, local_batch)
         manager = _checkpoint_manager(workdir, config)
-        start = 0
+        start, counters = 0, {"skipped_records": 0, "nonfinite_steps_skipped": 0}
         if manager.latest_step() is not None:
             start = manager.latest_step()
             abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
             restored = manager.restore(start, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data)))
-            state, data = restored["state"], restored["data"]
+                state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data),
+                counters=ocp.args.JsonRestore()))
+            state, data, counters = restored["state"], restored["data"], restored["counters"]
             log.info("resumed from step %d", start)
         metrics_out = MetricsWriter(workdir, start, enabled=main)
-        trainable_llm = any(p in parts for p in ("llm", "lora", "embeddings"))
         bar = tqdm(total=config.train.steps, initial=start, disable=not main, unit="step", desc=config.stage)
-        skipped_nonfinite, skipped_records = 0, len(problems)
-        step = start
-        with _StopFlag() as stop:
-            while step < config.train.steps:
-                batch = global_batch(next(data), mesh)
-                t0 = time.perf_counter()
-                state, m = step_fn(state, frozen, batch)
-                m = jax.device_get(m)
-                elapsed = time.perf_counter() - t0
-                step += 1
-                if not m["finite"]:
-                    if not config.train.skip_nonfinite:
-                        raise TrainingError(f"non-finite loss or gradient at step {step} (loss {m['loss']}, "
-                                            f"grad norm {m['grad_norm']}); the last good checkpoint is step "
-                                            f"{manager.latest_step()} in {workdir / 'checkpoints'}")
-                    skipped_nonfinite += 1
-                skipped_records += int(m.get("skipped_records", 0))
-                tokens = int(np.prod(batch["input_ids"].shape))
-                row = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-                       "supervised_tokens": int(m["supervised_tokens"]), "tokens_per_s": tokens / elapsed,
-                       "tflops": model_flops_per_step(model_cfg, batch, trainable_llm) / elapsed / 1e12,
-                       "step_time_s": elapsed, "skipped_records": skipped_records,
-                       "nonfinite_steps_skipped": skipped_nonfinite}
-                row.update({f"lr_{g}": float(s(step - 1)) for g, s in schedules.items()})
-                if step % config.train.log_every == 0 or step == config.train.steps:
-                    metrics_out.write(step, row)
-                bar.update()
-                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-                if step % config.checkpoint.every == 0 or step == config.train.steps or stop.signal:
-                    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                               data=grain.checkpoint.CheckpointSave(data)))
-                if stop.signal:
-                    manager.wait_until_finished()
-                    bar.close()
-                    metrics_out.close()
-                    raise Preempted(f"stopped by signal {stop.signal} at step {step}; checkpoint saved in "
-                                    f"{workdir / 'checkpoints'}, rerun the same command to resume")
-        bar.close()
-        metrics_out.close()
-        manager.wait_until_finished()
+        try:
+            with _StopFlag() as stop:
+                state, step = _loop(config, run, state, data, mesh, manager, metrics_out, bar, stop, start,
+                                    counters, len(problems), workdir)
+        finally:
+            # Whatever ends the loop, the checkpoints it started are complete before the process exits.
+            manager.wait_until_finished()
+            bar.close()
+            metrics_out.close()
         out = Path(config.output or workdir / "final").absolute()
-        final = nnx.merge(graphdef, state["params"], frozen, state["other"])
+        final = nnx.merge(run.graphdef, state["params"], run.frozen, state["other"])
         if config.lora.r > 0:
             from xllava_jax.models.lora import strip_lora
 
@@ -282,6 +293,54 @@ def train(config, workdir: str | Path) -> Path:
         if main:
             plot_loss({config.stage: workdir}, workdir / "loss.png")
             (workdir / "summary.json").write_text(json.dumps(
-                {"steps": step, "final_checkpoint": str(out), "skipped_records": skipped_records,
-                 "nonfinite_steps_skipped": skipped_nonfinite}, indent=2))
+                {"steps": step, "final_checkpoint": str(out),
+                 "skipped_records": len(problems) + counters["skipped_records"],
+                 "nonfinite_steps_skipped": counters["nonfinite_steps_skipped"]}, indent=2))
     return out
+
+
+def _loop(config, run: TrainSetup, state, data, mesh, manager, metrics_out, bar, stop, start: int,
+          counters: dict[str, int], rejected: int, workdir: Path):
+    """Steps `start` .. `train.steps`; returns (state, last step). `counters` (skipped batch records,
+    skipped non-finite steps) are updated in place and checkpointed with the state."""
+    trainable_llm = any(p in run.parts for p in ("llm", "lora", "embeddings"))
+    # Each group's lr at every step, computed once (an optax schedule called per step costs more
+    # eager dispatch than a small model's whole train step).
+    lrs = {g: np.asarray(s(np.arange(config.train.steps))) for g, s in run.schedules.items()}
+    step = start
+    while step < config.train.steps:
+        batch = global_batch(next(data), mesh)
+        t0 = time.perf_counter()
+        state, m = run.step_fn(state, run.frozen, batch)
+        m = jax.device_get(m)
+        elapsed = time.perf_counter() - t0
+        step += 1
+        if not m["finite"]:
+            if not config.train.skip_nonfinite:
+                manager.wait_until_finished()
+                raise TrainingError(f"non-finite loss or gradient at step {step} (loss {m['loss']}, grad norm "
+                                    f"{m['grad_norm']}); stopped, the last good checkpoint is step "
+                                    f"{manager.latest_step()} in {workdir / 'checkpoints'} (set "
+                                    "--config.train.skip_nonfinite=true to skip such steps instead)")
+            counters["nonfinite_steps_skipped"] += 1
+        counters["skipped_records"] += int(m.get("skipped_records", 0))
+        tokens = int(np.prod(batch["input_ids"].shape))
+        row = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+               "supervised_tokens": int(m["supervised_tokens"]), "tokens_per_s": tokens / elapsed,
+               "tflops": model_flops_per_step(run.model_cfg, batch, trainable_llm) / elapsed / 1e12,
+               "step_time_s": elapsed, "skipped_records": rejected + counters["skipped_records"],
+               "nonfinite_steps_skipped": counters["nonfinite_steps_skipped"]}
+        row.update({f"lr_{g}": float(lr[step - 1]) for g, lr in lrs.items()})
+        if step % config.train.log_every == 0 or step == config.train.steps:
+            metrics_out.write(step, row)
+        bar.update()
+        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        if step % config.checkpoint.every == 0 or step == config.train.steps or stop.signal:
+            manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       data=grain.checkpoint.CheckpointSave(data),
+                                                       counters=ocp.args.JsonSave(dict(counters))))
+        if stop.signal:
+            manager.wait_until_finished()
+            raise Preempted(f"stopped by signal {stop.signal} at step {step}; checkpoint saved in "
+                            f"{workdir / 'checkpoints'}, rerun the same command to resume")
+    return state, step
