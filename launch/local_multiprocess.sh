@@ -33,7 +33,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 xllava=${XLLAVA:-"$here/.venv/bin/xllava"}
 pids=()
 for ((i = 0; i < procs; i++)); do
-  XLA_FLAGS="--xla_force_host_platform_device_count=$devices ${XLA_FLAGS:-}" JAX_PLATFORMS=cpu \
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices" JAX_PLATFORMS=cpu \
     "$xllava" train "$@" --coordinator "127.0.0.1:$port" --num-processes "$procs" --process-id "$i" \
     >"$workdir/process_$i.log" 2>&1 &
   pids+=($!)

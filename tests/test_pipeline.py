@@ -7,7 +7,7 @@ import pytest
 from data_fixtures import make_vif_corpus, train_tokenizer
 
 from xllava_jax.data.images import ImageConfig, preprocess
-from xllava_jax.data.pipeline import DataError, VifSpec, encode_record, load_records, vif_dataset
+from xllava_jax.data.pipeline import DataError, VifSpec, encode_record, fit_length, load_records, vif_dataset
 from xllava_jax.models.loss import IGNORE_INDEX
 
 N_IMG, IMG_ID, SIZE = 4, 499, 16
@@ -103,18 +103,26 @@ def test_overlong_samples_truncate_or_drop(setup):
     records, _ = load_records([corpus])
     record = next(r for r in records if r["image"])
     record = {**record, "turns": record["turns"] + [["human", "more " * 60], ["gpt", "yes " * 60]]}
-    first_image = encode_record(record, spec).input_ids.index(IMG_ID)
-    # A cut that would fall inside the image's placeholders moves before them: never a partial image.
-    inside = VifSpec(**{**spec.__dict__, "max_len": first_image + 2})
-    batch = next(iter(vif_dataset([record], inside, batch_size=1, num_epochs=1)))
-    assert batch["truncated"].tolist() == [1] and batch["skipped"].tolist() == [0]
-    assert (batch["input_ids"][0] == IMG_ID).sum() == 0 and batch["attention_mask"][0].sum() == first_image
-    short = VifSpec(**{**spec.__dict__, "max_len": first_image + N_IMG + 6})
+    enc = encode_record(record, spec)
+    first_answer_end = next(i for i in range(len(enc.labels) - 1, -1, -1)
+                            if enc.labels[i] != IGNORE_INDEX and i < len(enc.labels) // 2)
+    short = VifSpec(**{**spec.__dict__, "max_len": first_answer_end + 3})
     batch = next(iter(vif_dataset([record], short, batch_size=1, num_epochs=1)))
-    assert batch["truncated"].tolist() == [1] and (batch["input_ids"][0] == IMG_ID).sum() == N_IMG
+    assert batch["truncated"].tolist() == [1] and batch["skipped"].tolist() == [0]
+    assert (batch["input_ids"][0] == IMG_ID).sum() == N_IMG
+    np.testing.assert_array_equal(batch["labels"][0], enc.labels[: short.max_len])
     dropped = VifSpec(**{**short.__dict__, "overflow": "drop"})
     batch = next(iter(vif_dataset([record], dropped, batch_size=1, num_epochs=1)))
     assert batch["skipped"].tolist() == [1] and (batch["labels"] == IGNORE_INDEX).all()
+
+
+def test_truncation_never_splits_an_image():
+    """A cut inside an image's placeholders moves before them (an image in a later turn)."""
+    spec = VifSpec(tokenizer="unused", num_image_tokens=4, image_token_id=9, max_len=7)
+    ids = [1, 5, 6, 7, 9, 9, 9, 9, 3, 4]
+    labels = [IGNORE_INDEX, IGNORE_INDEX, 6, 7, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 3, 4]
+    cut_ids, cut_labels, reason = fit_length(ids, labels, spec)
+    assert reason is None and cut_ids == [1, 5, 6, 7] and cut_labels == labels[:4]
 
 
 def test_bad_specs():
@@ -122,3 +130,15 @@ def test_bad_specs():
         VifSpec(tokenizer="t", num_image_tokens=4, image_token_id=1, overflow="wrap")
     with pytest.raises(DataError, match="no room"):
         VifSpec(tokenizer="t", num_image_tokens=576, image_token_id=1, max_len=500)
+
+
+def test_truncation_that_leaves_no_answer_is_reported(setup, caplog):
+    _, corpus, _, spec = setup
+    records, _ = load_records([corpus])
+    record = next(r for r in records if r["image"])
+    first_answer = encode_record(record, spec).labels.index(next(x for x in encode_record(record, spec).labels
+                                                                 if x != IGNORE_INDEX))
+    short = VifSpec(**{**spec.__dict__, "max_len": first_answer})
+    batch = next(iter(vif_dataset([record], short, batch_size=1, num_epochs=1)))
+    assert batch["skipped"].tolist() == [1] and (batch["labels"] == IGNORE_INDEX).all()
+    assert "no answer token within max_len" in caplog.text

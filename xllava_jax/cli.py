@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from xllava_jax.data.pipeline import DataError
     from xllava_jax.data.text import CorpusError
     from xllava_jax.tokenizer.expand import TokenizerError
-    from xllava_jax.train.trainer import TrainingError
+    from xllava_jax.train.trainer import Preempted, TrainingError
 
     user_errors = (ConversionError, CheckpointError, ConfigError, FileNotFoundError, ConversationError, ImageError,
                    DataError, CorpusError, TokenizerError, TrainingError)
@@ -133,6 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from xllava_jax.data.cli import run_data
 
             return run_data(args)
+    except Preempted as e:
+        print(f"xllava: {e}", file=sys.stderr)
+        return 143
     except user_errors as e:
         print(f"xllava: error: {e}", file=sys.stderr)
         return 2

@@ -82,7 +82,8 @@ def encode_record(record: dict, spec: VifSpec) -> conv.Encoded:
 
 
 def fit_length(ids: list[int], labels: list[int], spec: VifSpec) -> tuple[list[int], list[int], str | None]:
-    """Truncate (keeping image placeholders whole) or flag an overlong sample: (ids, labels, reason)."""
+    """Truncate (keeping image placeholders whole) or flag an overlong sample: (ids, labels, reason).
+    A sample whose answers would all be cut off is flagged too: it would train on nothing."""
     if len(ids) <= spec.max_len:
         return ids, labels, None
     if spec.overflow == "drop":
@@ -91,6 +92,8 @@ def fit_length(ids: list[int], labels: list[int], spec: VifSpec) -> tuple[list[i
     if ids[cut - 1] == spec.image_token_id and ids[cut] == spec.image_token_id:
         while cut > 0 and ids[cut - 1] == spec.image_token_id:  # never split an image's placeholders
             cut -= 1
+    if all(lab == IGNORE_INDEX for lab in labels[:cut]):
+        return ids, labels, f"no answer token within max_len {spec.max_len} ({len(ids)} tokens; raise data.max_len)"
     return ids[:cut], labels[:cut], None
 
 

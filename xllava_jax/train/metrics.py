@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,13 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **metrics}
-        self._file.write(json.dumps(record) + "\n")
+        # Strict JSON: a non-finite number (a skipped step's loss) is written as null.
+        record = {"step": step, **{k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                   for k, v in metrics.items()}}
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
         for key, value in metrics.items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
+            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
                 self._tb.add_scalar(key, value, step)
 
     def close(self) -> None:
@@ -62,7 +65,8 @@ def plot_loss(workdirs: dict[str, str | Path], out: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for label, workdir in workdirs.items():
         rows = read_metrics(workdir)
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=label, linewidth=1.2)
+        losses = [float("nan") if r["loss"] is None else r["loss"] for r in rows]
+        ax.plot([r["step"] for r in rows], losses, label=label, linewidth=1.2)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
