@@ -20,6 +20,44 @@ def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], dtype, axes: Axes) -> nn
     return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=tuple(axes))
 
 
+def on_cpu() -> bool:
+    """Whether computations are placed on the CPU backend (selects the CPU-tuned code paths)."""
+    return jax.default_backend() == "cpu"
+
+
+@jax.custom_vjp
+def _matmul_cpu(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jnp.dot(x, kernel)
+
+
+def _matmul_cpu_fwd(x, kernel):
+    return jnp.dot(x, kernel), (x, kernel)
+
+
+def _matmul_cpu_bwd(residuals, g):
+    x, kernel = residuals
+    dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
+    # dkernel = x^T @ g contracts the token axis, the major axis of both operands. XLA:CPU would
+    # transpose one of them itself, often the output gradient (for the lm_head a [tokens, vocab]
+    # array); the barrier pins a transposed copy of the activations (usually the smaller operand)
+    # instead, so the dot runs in the fast library path on canonical [K, N] x [N, M] operands.
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    dkernel = jnp.dot(jax.lax.optimization_barrier(x2.T), g2)
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+_matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
+
+
+def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x float[..., K] @ kernel float[K, N] -> float[..., N], with `jnp.dot`'s value and gradients.
+
+    On CPU the backward pass is spelled out (see `_matmul_cpu_bwd`) to keep XLA from transposing
+    large gradients; elsewhere this is `jnp.dot`.
+    """
+    return _matmul_cpu(x, kernel) if on_cpu() else jnp.dot(x, kernel)
+
+
 class Dense(nnx.Module):
     """y = x @ kernel (+ bias). kernel: float[in, out]."""
 
@@ -31,7 +69,7 @@ class Dense(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: float[..., in] -> float[..., out]."""
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

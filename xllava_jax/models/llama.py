@@ -1,7 +1,8 @@
 """LLaMA decoder with the semantics of HF `LlamaForCausalLM`, plus a static KV cache.
 
 RoPE is HF's half-split ("rotate_half") form, so converted q/k weights need no permutation.
-Attention goes through `jax.nn.dot_product_attention` with grouped-query heads.
+Attention goes through `jax.nn.dot_product_attention` with grouped-query heads; on CPU through
+`causal_attention`, the same computation that skips key blocks hidden from a whole query block.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import numpy as np
 from flax import nnx
 
 from xllava_jax.config import DTYPES, TextConfig
-from xllava_jax.models.layers import Dense, Embed, RMSNorm, remat_block
+from xllava_jax.models.layers import Dense, Embed, RMSNorm, on_cpu, remat_block
 
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
+# Query block length of `causal_attention`.
+ATTENTION_BLOCK = 128
 
 
 def rope_inv_freq(cfg: TextConfig) -> np.ndarray:
@@ -52,6 +55,36 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                     first_slot: int | None) -> jax.Array:
+    """`jax.nn.dot_product_attention(q, k, v, mask=mask)`, computed block by block.
+
+    q float[B, T, N, H]; k, v float[B, S, K, H]; mask bool[B, 1, T, S], causal over slots (query t
+    sits at slot first_slot + t and sees no key slot after its own). With `first_slot` known, query
+    block i (ATTENTION_BLOCK rows) only meets the keys up to its last slot; the skipped scores are
+    masked for every row of the block, so each row's softmax is unchanged (rows masked everywhere
+    aside, whose output is meaningless anyway). Returns float[B, T, N, H].
+    """
+    b, t, n, h = q.shape
+    kv_heads, s = k.shape[2], k.shape[1]
+    groups = n // kv_heads
+    scale = np.float32(1.0 / np.sqrt(h))
+    neg = np.float32(-0.7 * np.finfo(np.float32).max)  # jax.nn.dot_product_attention's fill value
+    q = q.reshape(b, t, kv_heads, groups, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    outs = []
+    for start in range(0, t, ATTENTION_BLOCK):
+        stop = min(start + ATTENTION_BLOCK, t)
+        keys = s if first_slot is None else min(s, first_slot + stop)
+        scores = jnp.einsum("bkgth,bksh->bkgts", q[:, :, :, start:stop], k[:, :, :keys],
+                            preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(mask[:, :, None, start:stop, :keys], scores, neg)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        outs.append(jnp.einsum("bkgts,bksh->bkgth", probs, v[:, :, :keys]))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: TextConfig, dtype, param_dtype, rngs: nnx.Rngs):
         d, hd = cfg.hidden_size, cfg.dim_per_head
@@ -76,7 +109,15 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
             kv = (k, v)
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
+        if on_cpu():
+            first_slot = cache_index if type(cache_index) is int else None
+            out = causal_attention(q, k, v, mask, first_slot)
+        else:
+            # cuDNN's fused attention (bf16/fp16) is much faster on GPUs than XLA's; decode steps
+            # with a cache keep the XLA path.
+            fused = kv is None and q.dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "gpu"
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn" if fused else None)
         return self.o_proj(out.reshape(b, t, -1)), kv
 
 
@@ -157,6 +198,18 @@ class Llama(nnx.Module):
         cache, int[B, S] over the cache slots with one; position_ids int[B, T] (default: arange, or
         the cache slots). Returns logits float[B, T, V], and with a cache also the updated cache.
         """
+        out = self.hidden_states(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                 position_ids=position_ids, segment_ids=segment_ids, cache=cache,
+                                 cache_index=cache_index)
+        return self.logits(out) if cache is None else (self.logits(out[0]), out[1])
+
+    def hidden_states(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
+                      attention_mask: jax.Array | None = None, position_ids: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+                      cache_index: jax.Array | int = 0):
+        """`__call__` up to the final RMSNorm: float[B, T, D] (and with a cache also the updated
+        cache). `logits` of a slice of it (e.g. the last position during a prefill) skips the
+        lm_head work for the positions left out."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         b, t, _ = x.shape
         slots = jnp.broadcast_to(jnp.arange(t)[None] + cache_index, (b, t))
@@ -167,15 +220,15 @@ class Llama(nnx.Module):
         mask = causal_mask(slots, kv_len, attention_mask, segment_ids)
         new_cache = []
         if cache is None:
-            run = remat_block(lambda layer, h: layer(h, cos, sin, mask)[0], self.remat)
+            run = remat_block(lambda layer, h: layer(h, cos, sin, mask, None, cache_index)[0], self.remat)
             for layer in self.layers:
                 x = run(layer, x)
         else:
             for layer, kv in zip(self.layers, cache):
                 x, kv = layer(x, cos, sin, mask, kv, cache_index)
                 new_cache.append(kv)
-        logits = self.logits(self.norm(x))
-        return logits if cache is None else (logits, tuple(new_cache))
+        x = self.norm(x)
+        return x if cache is None else (x, tuple(new_cache))
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         """Zeroed KV cache: per layer (k, v), each float[B, max_len, num_kv_heads, head_dim]."""

@@ -14,8 +14,10 @@ def next_token_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, ja
     Returns (mean loss over supervised tokens float[], supervised token count int[]). The loss is
     computed in float32; with no supervised token it is 0.
     """
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = labels[:, 1:]
+    # Position t predicts labels[t + 1]; the last position predicts nothing. Shifting the labels
+    # rather than slicing the logits keeps the (large) logits and their gradient unsliced.
+    logits = logits.astype(jnp.float32)
+    targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
     valid = targets != IGNORE_INDEX
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
