@@ -116,9 +116,11 @@ def main(argv=None) -> None:
     achieved = flops / step_s / 1e12
     tokens = args.batch * args.seq / step_s
     print(f"params {params_total / 1e9:.3f}B  batch {args.batch}x{args.seq}  {args.dtype}  remat {args.remat}")
-    print(f"step {step_s * 1e3:.1f} ms (compile {compile_s:.1f} s), {tokens:,.0f} tokens/s, loss {float(m['loss']):.3f}")
+    loss = float(m["loss"])
+    print(f"step {step_s * 1e3:.1f} ms (compile {compile_s:.1f} s), {tokens:,.0f} tokens/s, loss {loss:.3f}")
     print(f"model {achieved:.1f} TFLOP/s vs matmul peak {peak:.1f} TFLOP/s: MFU {achieved / peak:.1%}")
-    print(json.dumps({"mfu": round(achieved / peak, 4), "model_tflops": round(achieved, 2), "peak_tflops": round(peak, 1),
+    print(json.dumps({"mfu": round(achieved / peak, 4), "model_tflops": round(achieved, 2),
+                      "peak_tflops": round(peak, 1),
                       "tokens_per_s": round(tokens, 1), "step_s": round(step_s, 4), "params": params_total,
                       "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "remat": args.remat,
                       "device": jax.devices()[0].device_kind}))
