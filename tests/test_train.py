@@ -180,9 +180,10 @@ def test_metrics_tensorboard_plot_and_final_checkpoint(reference):
     rows = read_metrics(reference)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for key in ("step", "loss", "supervised_tokens", "tokens_per_s", "lr_projector", "lr_llm", "lr_embeddings",
-                "grad_norm", "skipped_records", "nonfinite_steps_skipped"):
+                "grad_norm", "skipped_records", "nonfinite_steps_skipped", "mfu", "tflops"):
         assert all(key in r for r in rows), key
     assert all(math.isfinite(r["loss"]) and r["supervised_tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert all(0 < r["mfu"] < 2 for r in rows[1:])  # step 1 includes compilation
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert all(r["skipped_records"] == 0 and r["nonfinite_steps_skipped"] == 0 for r in rows)
     events = list((reference / "tensorboard").glob("events.out.tfevents.*"))

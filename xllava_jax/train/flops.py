@@ -24,3 +24,23 @@ def model_flops_per_step(model_cfg: ModelConfig, batch: dict, trainable_llm: boo
         vit = v.num_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
         flops += 2 * vit * (v.num_patches + 1) * batch["pixel_values"].shape[0] * batch["pixel_values"].shape[1]
     return float(flops)
+
+
+def matmul_peak_flops(dtype: str = "float32", repeats: int = 5) -> float:
+    """FLOP/s that XLA reaches on one square matmul on the first device (1024^3 on CPUs, 8192^3
+    elsewhere), best of `repeats`: the yardstick for MFU."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    n = 1024 if jax.default_backend() == "cpu" else 8192
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best

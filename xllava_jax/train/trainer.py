@@ -29,7 +29,7 @@ from xllava_jax import checkpoint as ckpt
 from xllava_jax.config import ConfigError, ModelConfig
 from xllava_jax.models.xllava import XLlava
 from xllava_jax.train import optim
-from xllava_jax.train.flops import model_flops_per_step
+from xllava_jax.train.flops import matmul_peak_flops, model_flops_per_step
 from xllava_jax.train.metrics import MetricsWriter, plot_loss
 from xllava_jax.train.sharding import MESH_AXES, logical_to_spec
 from xllava_jax.train.step import make_train_step
@@ -307,6 +307,8 @@ def _loop(config, run: TrainSetup, state, data, mesh, manager, metrics_out, bar,
     # Each group's lr at every step, computed once (an optax schedule called per step costs more
     # eager dispatch than a small model's whole train step).
     lrs = {g: np.asarray(s(np.arange(config.train.steps))) for g, s in run.schedules.items()}
+    # MFU against what XLA reaches on a plain matmul here, in the compute dtype, over all devices.
+    peak = matmul_peak_flops(config.model.dtype) * jax.device_count()
     step = start
     while step < config.train.steps:
         batch = global_batch(next(data), mesh)
@@ -328,6 +330,7 @@ def _loop(config, run: TrainSetup, state, data, mesh, manager, metrics_out, bar,
         row = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
                "supervised_tokens": int(m["supervised_tokens"]), "tokens_per_s": tokens / elapsed,
                "tflops": model_flops_per_step(run.model_cfg, batch, trainable_llm) / elapsed / 1e12,
+               "mfu": model_flops_per_step(run.model_cfg, batch, trainable_llm) / elapsed / peak,
                "step_time_s": elapsed, "skipped_records": rejected + counters["skipped_records"],
                "nonfinite_steps_skipped": counters["nonfinite_steps_skipped"]}
         row.update({f"lr_{g}": float(lr[step - 1]) for g, lr in lrs.items()})
