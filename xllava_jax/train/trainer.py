@@ -327,10 +327,10 @@ def _loop(config, run: TrainSetup, state, data, mesh, manager, metrics_out, bar,
             counters["nonfinite_steps_skipped"] += 1
         counters["skipped_records"] += int(m.get("skipped_records", 0))
         tokens = int(np.prod(batch["input_ids"].shape))
+        flops_per_s = model_flops_per_step(run.model_cfg, batch, trainable_llm) / elapsed
         row = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
                "supervised_tokens": int(m["supervised_tokens"]), "tokens_per_s": tokens / elapsed,
-               "tflops": model_flops_per_step(run.model_cfg, batch, trainable_llm) / elapsed / 1e12,
-               "mfu": model_flops_per_step(run.model_cfg, batch, trainable_llm) / elapsed / peak,
+               "tflops": flops_per_s / 1e12, "mfu": flops_per_s / peak,
                "step_time_s": elapsed, "skipped_records": rejected + counters["skipped_records"],
                "nonfinite_steps_skipped": counters["nonfinite_steps_skipped"]}
         row.update({f"lr_{g}": float(lr[step - 1]) for g, lr in lrs.items()})
