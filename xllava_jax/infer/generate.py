@@ -113,8 +113,10 @@ def _prefill(model: XLlava, input_ids: jax.Array, prompt_mask: jax.Array, pixel_
     cache_mask = jnp.concatenate([prompt_mask, jnp.ones((b, max_new_tokens), prompt_mask.dtype)], axis=1)
     positions = jnp.where(prompt_mask > 0, jnp.cumsum(prompt_mask, axis=1) - 1, 0)
     embeds = model.embed(input_ids, pixel_values)
-    logits, cache = model.decode(embeds, cache, 0, cache_mask, positions)
-    return logits[:, -1], cache, cache_mask
+    lm = model.language_model
+    hidden, cache = lm.hidden_states(inputs_embeds=embeds, attention_mask=cache_mask, position_ids=positions,
+                                     cache=cache, cache_index=0)
+    return lm.logits(hidden[:, -1]), cache, cache_mask  # the lm_head for the last position only
 
 
 def _decode_step(model: XLlava, tokens: jax.Array, cache: KVCache, slot: jax.Array, positions: jax.Array,
