@@ -23,7 +23,7 @@ import numpy as np
 
 from xllava_jax.data import conversation as conv
 from xllava_jax.data.images import ImageConfig, ImageError, preprocess
-from xllava_jax.data.tokenizer import Tokenizer
+from xllava_jax.data.tokenizer import tokenizer_for
 from xllava_jax.data.vif import Problem, image_problem, read_corpus, resolve_image
 from xllava_jax.models.loss import IGNORE_INDEX
 
@@ -62,16 +62,6 @@ class VifSpec:
         if self.max_len <= self.num_image_tokens + 1:
             raise DataError(f"max_len {self.max_len} leaves no room for text after {self.num_image_tokens} "
                             "image tokens")
-
-
-_TOKENIZERS: dict[str, Tokenizer] = {}
-
-
-def tokenizer_for(path: str) -> Tokenizer:
-    """One Tokenizer per process and path (grain workers build their own)."""
-    if path not in _TOKENIZERS:
-        _TOKENIZERS[path] = Tokenizer(path)
-    return _TOKENIZERS[path]
 
 
 def encode_record(record: dict, spec: VifSpec) -> conv.Encoded:

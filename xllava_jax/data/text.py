@@ -19,7 +19,7 @@ import grain
 import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset
 
-from xllava_jax.data.tokenizer import Tokenizer
+from xllava_jax.data.tokenizer import tokenizer_for
 from xllava_jax.models.loss import IGNORE_INDEX
 
 
@@ -106,15 +106,6 @@ def _tfds_text(spec: str):
                                                if isinstance(ex["text"], bytes) else str(ex["text"]))
 
 
-_TOKENIZERS: dict[str, Tokenizer] = {}
-
-
-def _tokenizer(path: str) -> Tokenizer:
-    if path not in _TOKENIZERS:
-        _TOKENIZERS[path] = Tokenizer(path)
-    return _TOKENIZERS[path]
-
-
 @dataclass(frozen=True)
 class TokenizeDocument(grain.transforms.Map):
     """A document string -> {"input_ids": int32[n]}: bos + text + eos."""
@@ -122,7 +113,7 @@ class TokenizeDocument(grain.transforms.Map):
     tokenizer: str
 
     def map(self, text: str) -> dict[str, np.ndarray]:
-        tok = _tokenizer(self.tokenizer)
+        tok = tokenizer_for(self.tokenizer)
         return {"input_ids": np.asarray([tok.bos_id] + tok.encode(text) + [tok.eos_id], np.int32)}
 
 

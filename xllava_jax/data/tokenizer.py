@@ -9,6 +9,7 @@ between them is tokenised as a fresh string.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -83,3 +84,9 @@ class Tokenizer:
 
     def piece(self, token_id: int) -> str:
         return self.sp.id_to_piece(int(token_id))
+
+
+@functools.cache
+def tokenizer_for(path: str) -> Tokenizer:
+    """One Tokenizer per process and path (grain workers build their own on first use)."""
+    return Tokenizer(path)
