@@ -1,0 +1,108 @@
+"""What the LLM-judged evaluations share: strict JSONL reading, matching lines by question id, the judge
+client built from command-line settings, images as data URLs, and a bounded thread pool with a progress bar."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import TypeVar
+
+from tqdm import tqdm
+
+from xllava_jax.api.client import ChatClient, image_part
+from xllava_jax.data.vif import PathEscapeError, resolve_image
+from xllava_jax.errors import UserError
+
+T = TypeVar("T")
+R = TypeVar("R")
+DEFAULT_CACHE_DIR = "~/.cache/xllava/judge"
+
+
+def read_jsonl(path: str | Path, what: str) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSONL file; UserError naming file:line on a line
+    that is not a JSON object. `what` names the file's role in messages ("questions", "answers")."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read {what} file ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: {what} file is not UTF-8 ({err.reason})") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as err:
+            raise UserError(f"{path}:{number}: malformed JSON in {what} file ({err})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}:{number}: {what} line is a {type(obj).__name__}, not an object")
+        rows.append((number, obj))
+    return rows
+
+
+def by_question_id(path: str | Path, what: str, required: Sequence[str] = ("text",)) -> dict[str, dict]:
+    """The lines of a JSONL file keyed by `str(question_id)`; UserError (file:line) on a missing id, a missing
+    required key or a repeated id."""
+    out: dict[str, dict] = {}
+    for number, obj in read_jsonl(path, what):
+        if "question_id" not in obj:
+            raise UserError(f"{path}:{number}: {what} line has no question_id")
+        for key in required:
+            if not isinstance(obj.get(key), str):
+                raise UserError(f"{path}:{number}: {what} line has no string {key!r}")
+        qid = str(obj["question_id"])
+        if qid in out:
+            raise UserError(f"{path}:{number}: question_id {qid} appears twice in the {what} file")
+        out[qid] = obj
+    return out
+
+
+def image_for(question: dict, image_root: str | Path, where: str) -> dict:
+    """The `image_url` part of a question's image under `image_root` (which it may not leave)."""
+    relpath = question.get("image")
+    if not isinstance(relpath, str):
+        raise UserError(f"{where}: question {question.get('question_id')} has no image path")
+    try:
+        path = resolve_image(image_root, relpath)
+    except PathEscapeError as err:
+        raise UserError(f"{where}: {err}") from None
+    return image_part(path)
+
+
+def judge_client(args: argparse.Namespace, model: str) -> ChatClient:
+    """The judge's ChatClient from `--api-base`, `--api-key-env` and `--cache-dir` (which may be absent)."""
+    api_base = getattr(args, "api_base", None)
+    if not api_base:
+        raise UserError("--api-base is required for an LLM-judged evaluation (e.g. https://api.openai.com/v1)")
+    return ChatClient(api_base, model, api_key_env=getattr(args, "api_key_env", None) or "OPENAI_API_KEY",
+                      cache_dir=getattr(args, "cache_dir", None) or DEFAULT_CACHE_DIR)
+
+
+def run_parallel(fn: Callable[[T], R], items: Sequence[T], concurrency: int, desc: str) -> list[R]:
+    """`[fn(x) for x in items]` on at most `concurrency` threads, in input order, with a progress bar."""
+    if concurrency < 1:
+        raise UserError(f"--concurrency must be at least 1, got {concurrency}")
+    results: list = [None] * len(items)
+    with ThreadPoolExecutor(concurrency) as pool, tqdm(total=len(items), desc=desc, unit="q") as bar:
+        futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
+        try:
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update(1)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # a failing call stops the run; the cache keeps the rest
+            raise
+    return results
+
+
+def warn_unjudged(what: str, ids: Sequence) -> None:
+    """One stderr warning line listing (the first 20 of) the question ids left out for reason `what`."""
+    if ids:
+        shown = ", ".join(map(str, ids[:20])) + (" ..." if len(ids) > 20 else "")
+        print(f"xllava: warning: {len(ids)} question(s) {what}, not scored: {shown}", file=sys.stderr)
