@@ -6,6 +6,7 @@ setup(
     description="JAX-native X-LLaVA: bilingual (Korean + English) LLaVA-1.5 recipe",
     python_requires=">=3.11",
     packages=find_packages(include=["xllava_jax", "xllava_jax.*"]),
+    package_data={"xllava_jax.datagen": ["templates/*.txt", "templates/*.json", "templates/seeds/*.json"]},
     install_requires=[
         "jax==0.10.2",
         "jaxlib==0.10.2",
@@ -31,6 +32,7 @@ setup(
             "torch==2.13.0",
             "transformers==5.24.0",
             "peft==0.21.2",
+            "openai==3.57.0",
             "pytest",
         ],
     },

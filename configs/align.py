@@ -17,6 +17,6 @@ def get_config(preset: str = "demo"):
     c.data.template = "plain"
     c.data.aspect = "crop"
     if preset == "demo":
-        c.train.steps, c.train.batch_size, c.data.max_len = 200, 16, 64
+        c.train.steps, c.train.batch_size, c.data.max_len = 150, 32, 64
         c.checkpoint.every = 100
     return c

@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import ml_collections
 
-# Presets runnable on one CPU machine in minutes (the demo) and the paper's 13B recipe.
-DEMO_MODEL = dict(preset="tiny")
-
 
 def base(stage: str, preset: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = stage
     c.seed = 42
     c.init = ""              # params-only checkpoint (HF directory or ours) to start from; "" = random init
+    c.init_vision = ""       # a vision tower (CLIP HF directory or our vision checkpoint) put over init's
     c.tokenizer = ""         # tokenizer.model or a directory holding it (default: the init checkpoint's)
     c.output = ""            # where the final params-only checkpoint goes (default: WORKDIR/final)
 
     c.model = ml_collections.ConfigDict()
-    c.model.preset = "tiny" if preset == "demo" else preset
+    c.model.preset = preset
     c.model.dtype = "float32"          # compute dtype (bfloat16 for mixed precision)
     c.model.param_dtype = "float32"    # master weights
     c.model.remat = "none"             # none | full | dots
@@ -29,6 +27,7 @@ def base(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.data.text = ""         # text corpora, comma-separated (llm_pretrain)
     c.data.weights = ""      # mixing weights for data.text, comma-separated
     c.data.template = "llava_llama_2"
+    c.data.system = "default"  # the template's system prompt; any other text replaces it ("" for none)
     c.data.mode = "clean"    # clean | llava
     c.data.aspect = "pad"    # pad | crop | resize
     c.data.max_len = 2048

@@ -20,7 +20,7 @@ def get_config(preset: str = "demo"):
     c.data.max_len = 2048
     c.train.batch_size = 8
     if preset == "demo":
-        c.train.steps, c.train.batch_size, c.data.max_len = 200, 8, 128
+        c.train.steps, c.train.batch_size, c.data.max_len = 150, 16, 128
         c.lora.r = 0
         c.train.trainable = "llm"
         c.train.lr = 1e-3

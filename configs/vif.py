@@ -24,7 +24,8 @@ def get_config(preset: str = "demo"):
         c.train.trainable = "projector,lora"
         c.train.lr, c.train.projector_lr = 2e-4, 2e-5
     if preset == "demo":
-        c.train.steps, c.train.batch_size, c.data.max_len = 300, 16, 96
+        c.train.steps, c.train.batch_size, c.data.max_len = 300, 16, 256
         c.train.lr = 1e-3
+        c.data.system = ""  # the template without LLaMA-2's 85-token system prompt: 2x less compute per record
         c.checkpoint.every = 100
     return c

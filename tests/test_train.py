@@ -84,7 +84,8 @@ def in_process_config(spec: str, overrides: dict[str, object]):
 
 def vif_overrides(corpus: dict[str, Path], **changes: object) -> dict[str, object]:
     """The reference `vif` run: short `plain` captions, so a 64-token bucket holds every answer."""
-    base = {"tokenizer": corpus["tokenizer"], "data.corpus": f"{corpus['captions_en']},{corpus['captions_ko']}",
+    base = {"model.preset": "tiny", "tokenizer": corpus["tokenizer"],
+            "data.corpus": f"{corpus['captions_en']},{corpus['captions_ko']}",
             "data.image_root": corpus["root"], "data.template": "plain", "data.max_len": 64,
             "train.steps": STEPS, "train.batch_size": BATCH, "checkpoint.every": EVERY, "train.lr": LR,
             "train.projector_lr": PROJECTOR_LR, "train.warmup_ratio": WARMUP / STEPS}
@@ -419,8 +420,8 @@ def test_sharded_train_step_matches_one_device():
     (each updated array to 1e-4: zero-initialised biases hold nothing but the update), and every
     array sits where the logical table puts it. eps 1e-3 keeps Adam's first step, g / (|g| + eps),
     from turning float noise in near-zero gradients into +-lr sign flips."""
-    config = in_process_config(VIF, {"train.steps": 10, "train.warmup_ratio": 0.0, "train.projector_lr": 3e-3,
-                                     "train.eps": 1e-3})
+    config = in_process_config(VIF, {"model.preset": "tiny", "train.steps": 10, "train.warmup_ratio": 0.0,
+                                     "train.projector_lr": 3e-3, "train.eps": 1e-3})
     cfg = ModelConfig.tiny()
     batch = synthetic_batch(cfg, BATCH, 32)
     one = jax.make_mesh((1, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=jax.devices()[:1])
@@ -480,8 +481,9 @@ def test_two_processes_match_one_process(corpus, reference, tmp_path):
 
 # ------------------------------------------------------------------------------ 6. LoRA pretraining
 def test_llm_pretrain_with_lora_trains_adapters_and_writes_a_merged_model(corpus, tmp_path):
-    overrides = {"tokenizer": corpus["tokenizer"], "data.text": f"{corpus['text_en']},{corpus['text_ko']}",
-                 "data.max_len": 64, "lora.r": 4, "lora.alpha": 8.0, "train.trainable": "lora,embeddings",
+    overrides = {"model.preset": "tiny", "tokenizer": corpus["tokenizer"],
+                 "data.text": f"{corpus['text_en']},{corpus['text_ko']}", "data.max_len": 64, "lora.r": 4,
+                 "lora.alpha": 8.0, "train.trainable": "lora,embeddings",
                  "train.steps": 3, "train.batch_size": BATCH, "checkpoint.every": 3, "train.warmup_ratio": 0.0}
     config = in_process_config(PRETRAIN, overrides)
     final_dir = train(config, tmp_path)

@@ -56,8 +56,11 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
 
 
 def save_checkpoint(path: str | Path, model: nnx.Module, *, source: dict[str, Any] | None = None,
-                    source_format: str | None = None, tokenizer_dir: str | Path | None = None) -> Path:
-    """Write `model`'s parameters and config to `path` (created; must not hold a checkpoint)."""
+                    source_format: str | None = None, tokenizer_dir: str | Path | None = None,
+                    prompt: dict[str, Any] | None = None) -> Path:
+    """Write `model`'s parameters and config to `path` (created; must not hold a checkpoint). `prompt`
+    records how the model was trained to be prompted ({"template", "mode", "system"}); inference
+    (`infer/engine.py`) uses it unless told otherwise."""
     path = Path(path).absolute()
     if (path / "params").exists():
         raise CheckpointError(f"{path}: already holds a checkpoint; choose an empty --out directory")
@@ -67,6 +70,8 @@ def save_checkpoint(path: str | Path, model: nnx.Module, *, source: dict[str, An
         ckptr.save(path / "params", state)
     meta = {"format": "xllava_jax", "kind": model_kind(model), "config": model.cfg.to_dict(),
             "source": source, "source_format": source_format}
+    if prompt is not None:
+        meta["prompt"] = prompt
     (path / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
     if tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, path)

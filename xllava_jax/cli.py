@@ -89,6 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_vocab_parser(sub)
     _train_parser(sub)
+    from xllava_jax.eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
+    from xllava_jax.infer.cli import add_generate_parser
+
+    add_generate_parser(sub)
+    from xllava_jax.datagen.cli import add_datagen_parser
+
+    add_datagen_parser(sub)
+    from xllava_jax.infer.chat import add_chat_parser
+    from xllava_jax.infer.serve import add_serve_parser
+
+    add_chat_parser(sub)
+    add_serve_parser(sub)
+    from xllava_jax.demo.cli import add_demo_parser
+
+    add_demo_parser(sub)
     return parser
 
 
@@ -115,12 +132,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from xllava_jax.data.images import ImageError
     from xllava_jax.data.pipeline import DataError
     from xllava_jax.data.text import CorpusError
+    from xllava_jax.errors import UserError
     from xllava_jax.tokenizer.expand import TokenizerError
     from xllava_jax.train.trainer import Preempted, TrainingError
 
     user_errors = (ConversionError, CheckpointError, ConfigError, FileNotFoundError, ConversationError, ImageError,
-                   DataError, CorpusError, TokenizerError, TrainingError)
+                   DataError, CorpusError, TokenizerError, TrainingError, UserError)
     try:
+        if getattr(args, "run", None) is not None:  # subcommands that register their own handler
+            return args.run(args) or 0
         if args.command == "convert":
             _run_convert(args)
         elif args.command == "train":

@@ -217,6 +217,20 @@ class ModelConfig:
         return cfg.replace(**changes)
 
     @classmethod
+    def demo(cls, **changes) -> ModelConfig:
+        """The `make demo` model (about 4M parameters): 48-pixel images in 16-pixel patches, so each of
+        the synthetic corpus's 3x3 grid cells is one patch; the class token is kept among the image
+        features (strategy `full`); the vocabulary is set from the demo's tokenizer."""
+        cfg = cls(
+            vision=VisionConfig(image_size=48, patch_size=16, hidden_size=128, intermediate_size=512,
+                                num_layers=4, num_heads=4),
+            text=TextConfig(vocab_size=2048, hidden_size=256, intermediate_size=704, num_layers=4,
+                            num_heads=4, num_kv_heads=4, max_position_embeddings=512),
+            image_token_id=2047, vision_feature_select_strategy="full",
+        )
+        return cfg.replace(**changes)
+
+    @classmethod
     def bench_small(cls, **changes) -> ModelConfig:
         """The performance yardstick of DESIGN.md (about 77M parameters)."""
         cfg = cls(
@@ -259,4 +273,4 @@ class ModelConfig:
         return getattr(cls, name)(**changes)
 
 
-PRESETS = ("tiny", "bench_small", "llava15_7b", "llava15_13b", "xllava_13b")
+PRESETS = ("tiny", "demo", "bench_small", "llava15_7b", "llava15_13b", "xllava_13b")

@@ -49,6 +49,12 @@ def _client_options(p: argparse.ArgumentParser, temperature: float) -> None:
                    help="do not send response_format json_object (for endpoints that reject it)")
 
 
+def _step(steps, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    """One `datagen` subcommand: `summary` for the list of subcommands, `description` and the examples for --help."""
+    return steps.add_parser(name, help=summary, description=description, epilog=EXAMPLES,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_datagen_parser(subparsers) -> None:
     """Add `datagen` and its subcommands to the `xllava` subcommands."""
     p = subparsers.add_parser("datagen", help="generate and translate visual-instruction data with an API",
@@ -56,13 +62,12 @@ def add_datagen_parser(subparsers) -> None:
                                           "and translate LLaVA datasets with any OpenAI-compatible endpoint.",
                               epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     steps = p.add_subparsers(dest="datagen_command", required=True)
-    run = steps.add_parser(
-        "run", help="generate object / location / atmosphere / conversation data per image", epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Select images by their number of main objects (seeded, deduplicated), ask the endpoint for the "
-                    "four task types in every language at once, validate each reply (JSON shape, languages, "
-                    "scripts, turns, lengths; proper nouns flagged) and append it to OUT/accepted.jsonl or "
-                    "OUT/rejected.jsonl. At the end: OUT/llava_<lang>.json, OUT/llava_mixed.json, OUT/summary.json.")
+    run = _step(
+        steps, "run", "generate object / location / atmosphere / conversation data per image",
+        "Select images by their number of main objects (seeded, deduplicated), ask the endpoint for the "
+        "four task types in every language at once, validate each reply (JSON shape, languages, "
+        "scripts, turns, lengths; proper nouns flagged) and append it to OUT/accepted.jsonl or "
+        "OUT/rejected.jsonl. At the end: OUT/llava_<lang>.json, OUT/llava_mixed.json, OUT/summary.json.")
     source = run.add_mutually_exclusive_group(required=True)
     source.add_argument("--vg", help="Visual Genome folder (image_data.json, objects.json, [relationships.json], "
                                      "VG_100K*/)")
@@ -86,24 +91,22 @@ def add_datagen_parser(subparsers) -> None:
     _client_options(run, 0.7)
     run.set_defaults(run=run_generate)
 
-    review = steps.add_parser(
-        "review", help="export accepted records for human review, or import pass/error labels", epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Write OUT/review.csv or OUT/review.html (image, flags, all languages side by side); with "
-                    "--import, read a CSV with key,label(pass|error),note columns, drop error-labelled records from "
-                    "the LLaVA files and list them in summary.json (removed_by_review).")
+    review = _step(
+        steps, "review", "export accepted records for human review, or import pass/error labels",
+        "Write OUT/review.csv or OUT/review.html (image, flags, all languages side by side); with "
+        "--import, read a CSV with key,label(pass|error),note columns, drop error-labelled records from "
+        "the LLaVA files and list them in summary.json (removed_by_review).")
     review.add_argument("--out", required=True, help="the output folder of `xllava datagen run`")
     review.add_argument("--format", default="csv", choices=("csv", "html"), help="(default: csv)")
     review.add_argument("--inline-images", action="store_true", help="html: embed the images as data URLs")
     review.add_argument("--import", dest="import_file", help="CSV of labels to apply (e.g. the edited review.csv)")
     review.set_defaults(run=run_review)
 
-    tr = steps.add_parser(
-        "translate", help="machine-translate a LLaVA-format dataset", epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Translate every turn of a LLaVA JSON/JSONL dataset (one request per record), validate turn "
-                    "count and script, keep <image> exactly where it was, and write OUT/translated_<lang>.json, "
-                    "OUT/rejected.jsonl and OUT/summary.json. Resumable like `run`.")
+    tr = _step(
+        steps, "translate", "machine-translate a LLaVA-format dataset",
+        "Translate every turn of a LLaVA JSON/JSONL dataset (one request per record), validate turn "
+        "count and script, keep <image> exactly where it was, and write OUT/translated_<lang>.json, "
+        "OUT/rejected.jsonl and OUT/summary.json. Resumable like `run`.")
     tr.add_argument("--src", required=True, help="LLaVA-format JSON or JSONL file")
     tr.add_argument("--target", default="ko", help="target language: en, ko or zh (default ko)")
     tr.add_argument("--source-lang", default="en", help="language of the source (default en)")
@@ -113,10 +116,9 @@ def add_datagen_parser(subparsers) -> None:
     _client_options(tr, 0.2)
     tr.set_defaults(run=run_translate)
 
-    tpl = steps.add_parser("templates", help="copy the packaged prompt templates for editing", epilog=EXAMPLES,
-                           formatter_class=argparse.RawDescriptionHelpFormatter,
-                           description="Copy the prompt templates, seed examples and tasks.json to a new folder; "
-                                       "pass it to run or translate with --templates.")
+    tpl = _step(steps, "templates", "copy the packaged prompt templates for editing",
+                "Copy the prompt templates, seed examples and tasks.json to a new folder; pass it to run or "
+                "translate with --templates.")
     tpl.add_argument("--out", required=True, help="new folder for the copy")
     tpl.set_defaults(run=run_templates)
 

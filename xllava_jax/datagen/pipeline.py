@@ -11,30 +11,26 @@ of all runs together.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from xllava_jax.api.client import ApiError, BudgetExceeded, ChatClient, user_message
+from xllava_jax.api.client import user_message
 from xllava_jax.datagen import export as ex
+from xllava_jax.datagen.endpoint import EndpointSettings, RequestRun
 from xllava_jax.datagen.prompts import TASKS, TaskSpec, load_tasks, system_prompt, task_prompt
-from xllava_jax.datagen.runner import ACCEPTED, API_ERROR, DROPPED, REJECTED, Finished, Journal, run_parallel
+from xllava_jax.datagen.runner import ACCEPTED, REJECTED, Finished
 from xllava_jax.datagen.sources import DatagenError, ImageItem, load_image_folder, load_visual_genome, select_images
 from xllava_jax.datagen.validate import check_languages, validate_response
 
 MAX_PROBLEMS_SHOWN = 10
 
 
-@dataclass(frozen=True)
-class GenerateSettings:
+@dataclass(frozen=True, kw_only=True)
+class GenerateSettings(EndpointSettings):
     """Everything `generate` needs; the fields of `identity()` must not change between runs of one folder."""
 
-    out: str
-    api_base: str
-    model: str
     vg: str | None = None
     images: str | None = None
     objects: str | None = None
@@ -45,21 +41,7 @@ class GenerateSettings:
     max_objects: int = 10
     min_object_area: float = 0.02
     seed: int = 0
-    concurrency: int = 4
-    budget_usd: float | None = None
-    price_in: float = 0.01
-    price_out: float = 0.03
-    timeout_s: float = 120.0
-    max_retries: int = 6
-    backoff_s: float = 1.0
-    max_attempts: int = 2
-    temperature: float = 0.7
-    templates: str | None = None
-    min_script_share: float = 0.6
     reject_proper_nouns: bool = False
-    json_mode: bool = True
-    api_key_env: str = "OPENAI_API_KEY"
-    progress: bool = False
 
     def identity(self) -> dict:
         """The settings that decide the work items and their shape."""
@@ -85,8 +67,7 @@ def _check(settings: GenerateSettings) -> None:
         check_languages(settings.langs)
     except ValueError as e:
         raise DatagenError(str(e)) from None
-    if settings.max_attempts < 1 or settings.concurrency < 1:
-        raise DatagenError("--max-attempts and --concurrency must be >= 1")
+    settings.check_counts()
     if settings.max_images is not None and settings.max_images < 1:
         raise DatagenError(f"--max-images {settings.max_images}: must be >= 1")
 
@@ -135,8 +116,8 @@ def _request_seed(*parts: object) -> int:
     return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:8], 16) >> 1
 
 
-def _work(settings: GenerateSettings, client: ChatClient, specs: dict[str, TaskSpec], root: Path,
-          accepted: Journal, rejected: Journal, errors: list[str]) -> Callable[[tuple], str]:
+def _work(settings: GenerateSettings, requests: RequestRun, specs: dict[str, TaskSpec],
+          root: Path) -> Callable[[tuple], str]:
     """The function that runs one (image, task, attempt) job and journals its outcome."""
     system = system_prompt(settings.templates)
     langs = list(settings.langs)
@@ -149,16 +130,10 @@ def _work(settings: GenerateSettings, client: ChatClient, specs: dict[str, TaskS
                 "model": settings.model}
         messages = [{"role": "system", "content": system},
                     user_message(task_prompt(spec, item, langs), [root / item.image])]
-        try:
-            reply = client.chat(messages, temperature=settings.temperature, max_tokens=spec.max_tokens,
-                                response_format={"type": "json_object"} if settings.json_mode else None,
-                                seed=_request_seed(settings.seed, key, attempt))
-        except BudgetExceeded:
-            raise
-        except ApiError as err:
-            errors.append(str(err))
-            line = {**base, "reasons": ["api_error"], "details": [str(err)], "counts": False, "usage": None}
-            return API_ERROR if rejected.append(line) else DROPPED
+        reply = requests.chat(base, messages, max_tokens=spec.max_tokens,
+                              seed=_request_seed(settings.seed, key, attempt))
+        if isinstance(reply, str):
+            return reply
         verdict = validate_response(
             reply.text, langs=langs, turns=spec.turns, objects=item.objects, min_answer_chars=spec.min_answer_chars,
             max_answer_chars=spec.max_answer_chars, scene_graph=spec.scene_graph,
@@ -169,20 +144,15 @@ def _work(settings: GenerateSettings, client: ChatClient, specs: dict[str, TaskS
         if verdict.ok:
             line = {**base, "objects": list(item.objects), "relations": [list(r) for r in item.relations],
                     "response": verdict.parsed, "flags": verdict.flags}
-            return ACCEPTED if accepted.append(line) else DROPPED
+            return requests.journal(ACCEPTED, line)
         line = {**base, "reasons": verdict.reasons, "details": verdict.details, "flags": verdict.flags,
                 "counts": True, "text": reply.text}
-        return REJECTED if rejected.append(line) else DROPPED
+        return requests.journal(REJECTED, line)
 
     def work(job: tuple[ImageItem, str, int]) -> str:
         """Attempts until one is accepted or `max_attempts` is reached; the last outcome."""
         item, task, first = job
-        outcome = REJECTED
-        for attempt in range(first, settings.max_attempts + 1):
-            outcome = attempt_once(item, task, attempt)
-            if outcome != REJECTED:
-                break
-        return outcome
+        return requests.until_accepted(lambda attempt: attempt_once(item, task, attempt), first)
 
     return work
 
@@ -194,35 +164,13 @@ def generate(settings: GenerateSettings) -> Finished:
     _check_folder(settings)
     root, selection, problems = _select(settings)
     _start_folder(settings, root, selection, problems)
-    out = Path(settings.out)
-    accepted, rejected = Journal(out / ex.ACCEPTED_FILE), Journal(out / ex.REJECTED_FILE)
-    done_lines, warning_a = accepted.load()
-    rejected_lines, warning_r = rejected.load()
-    for warning in (warning_a, warning_r):
-        if warning:
-            _say(warning)
-    done = {r["key"] for r in done_lines}
-    attempts = Counter(r["key"] for r in rejected_lines if r.get("counts", True))
+    requests = RequestRun(settings)
     jobs = []
     for item in selection:
         for task in settings.tasks:
-            key = ex.item_key(item.image_id, task)
-            if key not in done and attempts[key] < settings.max_attempts:
-                jobs.append((item, task, attempts[key] + 1))
-    if not os.environ.get(settings.api_key_env):
-        _say(f"note: ${settings.api_key_env} is not set; requests carry no API key")
-    budget = None
-    if settings.budget_usd is not None:
-        budget = settings.budget_usd - ex.spent_usd(out, settings.price_in, settings.price_out)
-    client = ChatClient(settings.api_base, settings.model, api_key_env=settings.api_key_env,
-                        timeout_s=settings.timeout_s, max_retries=settings.max_retries, backoff_s=settings.backoff_s,
-                        price_in_per_1k=settings.price_in, price_out_per_1k=settings.price_out, budget_usd=budget)
-    errors: list[str] = []
-    result = run_parallel(jobs, _work(settings, client, specs, root, accepted, rejected, errors), total=len(jobs),
-                          concurrency=settings.concurrency, journals=(accepted, rejected), desc="generating",
-                          progress=settings.progress)
-    accepted.close()
-    rejected.close()
-    summary = None if result.stopped == "interrupted" else ex.export(out, stopped=result.stopped)
-    return Finished(result, summary, len(done), errors[-1] if errors else "")
+            attempt = requests.next_attempt(ex.item_key(item.image_id, task))
+            if attempt is not None:
+                jobs.append((item, task, attempt))
+    return requests.run(jobs, _work(settings, requests, specs, root), "generating",
+                        lambda stopped: ex.export(settings.out, stopped=stopped))
 

@@ -12,18 +12,19 @@ source order plus `OUT/summary.json` at the end. Keys are record ids (`id#2`, `i
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from xllava_jax.api.client import ApiError, BudgetExceeded, ChatClient, user_message
+from xllava_jax.api.client import user_message
 from xllava_jax.data.vif import IMAGE_TAG, Problem, VifRecord, read_corpus
 from xllava_jax.datagen import export as ex
+from xllava_jax.datagen.endpoint import EndpointSettings, RequestRun
 from xllava_jax.datagen.prompts import translate_prompt
-from xllava_jax.datagen.runner import ACCEPTED, API_ERROR, DROPPED, REJECTED, Finished, Journal, run_parallel
+from xllava_jax.datagen.runner import ACCEPTED, REJECTED, Finished, Journal
 from xllava_jax.datagen.sources import DatagenError
 from xllava_jax.datagen.validate import SCRIPTS, Verdict, check_languages, parse_json_object, script_share
 
@@ -32,31 +33,16 @@ _AT_END = re.compile(r"(\s*)(.*?)(\s*<image>\s*)", re.S)
 MAX_GROWTH, MAX_PROBLEMS_SHOWN = 4, 10
 
 
-@dataclass(frozen=True)
-class TranslateSettings:
+@dataclass(frozen=True, kw_only=True)
+class TranslateSettings(EndpointSettings):
     """Everything `translate` needs; src, source_lang and target must not change between runs of one folder."""
 
     src: str
-    out: str
-    api_base: str
-    model: str
     target: str = "ko"
     source_lang: str = "en"
     max_records: int | None = None
-    concurrency: int = 4
-    budget_usd: float | None = None
-    price_in: float = 0.01
-    price_out: float = 0.03
-    timeout_s: float = 120.0
-    max_retries: int = 6
-    backoff_s: float = 1.0
-    max_attempts: int = 2
     temperature: float = 0.2
-    templates: str | None = None
     min_script_share: float = 0.5
-    json_mode: bool = True
-    api_key_env: str = "OPENAI_API_KEY"
-    progress: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,7 +120,7 @@ def check_translation(text: str, sources: list[str], *, target: str, min_script_
     return verdict
 
 
-def _work(settings: TranslateSettings, client: ChatClient, accepted: Journal, rejected: Journal, errors: list[str]):
+def _work(settings: TranslateSettings, requests: RequestRun) -> Callable[[Job], str]:
     """The function that runs one translation job and journals its outcome."""
 
     def attempt_once(job: Job, attempt: int) -> str:
@@ -143,35 +129,23 @@ def _work(settings: TranslateSettings, client: ChatClient, accepted: Journal, re
         base = {"key": job.key, "id": job.record.id, "attempt": attempt, "model": settings.model}
         messages = [user_message(translate_prompt(settings.templates, sources, settings.source_lang,
                                                   settings.target))]
-        try:
-            reply = client.chat(messages, temperature=settings.temperature,
-                                max_tokens=min(16384, max(256, 4 * sum(len(s) for s in sources))),
-                                response_format={"type": "json_object"} if settings.json_mode else None,
-                                seed=attempt)
-        except BudgetExceeded:
-            raise
-        except ApiError as err:
-            errors.append(str(err))
-            line = {**base, "reasons": ["api_error"], "details": [str(err)], "counts": False, "usage": None}
-            return API_ERROR if rejected.append(line) else DROPPED
+        reply = requests.chat(base, messages, max_tokens=min(16384, max(256, 4 * sum(len(s) for s in sources))),
+                              seed=attempt)
+        if isinstance(reply, str):
+            return reply
         verdict = check_translation(reply.text, sources, target=settings.target,
                                     min_script_share=settings.min_script_share, finish_reason=reply.finish_reason)
         base["usage"] = {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens}
         if not verdict.ok:
             line = {**base, "reasons": verdict.reasons, "details": verdict.details, "counts": True, "text": reply.text}
-            return REJECTED if rejected.append(line) else DROPPED
+            return requests.journal(REJECTED, line)
         translated = iter(verdict.parsed["turns"])
         values = [pre + next(translated) + post if text else pre + post for pre, text, post in job.parts]
-        return ACCEPTED if accepted.append({**base, "values": values}) else DROPPED
+        return requests.journal(ACCEPTED, {**base, "values": values})
 
     def work(job: Job) -> str:
         """Attempts until one is accepted or `max_attempts` is reached; the last outcome."""
-        outcome = REJECTED
-        for attempt in range(job.attempt, settings.max_attempts + 1):
-            outcome = attempt_once(job, attempt)
-            if outcome != REJECTED:
-                break
-        return outcome
+        return requests.until_accepted(lambda attempt: attempt_once(job, attempt), job.attempt)
 
     return work
 
@@ -214,8 +188,7 @@ def translate(settings: TranslateSettings) -> Finished:
         check_languages([settings.source_lang, settings.target])
     except ValueError as e:
         raise DatagenError(str(e)) from None
-    if settings.max_attempts < 1 or settings.concurrency < 1:
-        raise DatagenError("--max-attempts and --concurrency must be >= 1")
+    settings.check_counts()
     jobs, problems = _jobs(settings)
     for problem in problems[:MAX_PROBLEMS_SHOWN]:
         print(f"skipped {problem}", file=sys.stderr)
@@ -229,30 +202,8 @@ def translate(settings: TranslateSettings) -> Finished:
         raise DatagenError(f"{run_file}: this folder was started with {before}; use the same --src, --source-lang "
                            "and --target or a new --out")
     ex.write_json(run_file, {"identity": identity, "model": settings.model, "api_base": settings.api_base})
-    accepted, rejected = Journal(out / ex.ACCEPTED_FILE), Journal(out / ex.REJECTED_FILE)
-    done_lines, rejected_lines = [], []
-    for journal, lines in ((accepted, done_lines), (rejected, rejected_lines)):
-        loaded, warning = journal.load()
-        lines += loaded
-        if warning:
-            print(warning, file=sys.stderr)
-    done = {r["key"] for r in done_lines}
-    attempts = Counter(r["key"] for r in rejected_lines if r.get("counts", True))
-    todo = [Job(j.key, j.record, j.parts, attempts[j.key] + 1) for j in jobs
-            if j.key not in done and attempts[j.key] < settings.max_attempts]
-    if not os.environ.get(settings.api_key_env):
-        print(f"note: ${settings.api_key_env} is not set; requests carry no API key", file=sys.stderr)
-    budget = None
-    if settings.budget_usd is not None:
-        budget = settings.budget_usd - ex.spent_usd(out, settings.price_in, settings.price_out)
-    client = ChatClient(settings.api_base, settings.model, api_key_env=settings.api_key_env,
-                        timeout_s=settings.timeout_s, max_retries=settings.max_retries, backoff_s=settings.backoff_s,
-                        price_in_per_1k=settings.price_in, price_out_per_1k=settings.price_out, budget_usd=budget)
-    errors: list[str] = []
-    result = run_parallel(todo, _work(settings, client, accepted, rejected, errors), total=len(todo),
-                          concurrency=settings.concurrency, journals=(accepted, rejected), desc="translating",
-                          progress=settings.progress)
-    accepted.close()
-    rejected.close()
-    summary = None if result.stopped == "interrupted" else _export(settings, jobs, len(problems), result.stopped)
-    return Finished(result, summary, len(done), errors[-1] if errors else "")
+    requests = RequestRun(settings)
+    todo = [Job(j.key, j.record, j.parts, attempt) for j in jobs
+            if (attempt := requests.next_attempt(j.key)) is not None]
+    return requests.run(todo, _work(settings, requests), "translating",
+                        lambda stopped: _export(settings, jobs, len(problems), stopped))

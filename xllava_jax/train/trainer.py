@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from xllava_jax import checkpoint as ckpt
 from xllava_jax.config import ConfigError, ModelConfig
+from xllava_jax.models.vision import VisionTower
 from xllava_jax.models.xllava import XLlava
 from xllava_jax.train import optim
 from xllava_jax.train.flops import matmul_peak_flops, model_flops_per_step
@@ -90,6 +91,8 @@ def build_model(config, mesh) -> XLlava:
             size = Tokenizer(config.tokenizer).vocab_size
             cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=size + 1), image_token_id=size)
         model = XLlava(cfg, rngs=nnx.Rngs(config.seed))
+    if config.get("init_vision"):
+        replace_vision_tower(model, config.init_vision)
     if config.lora.r > 0:
         from xllava_jax.models.lora import LoraConfig, apply_lora
 
@@ -99,6 +102,20 @@ def build_model(config, mesh) -> XLlava:
         model.train()  # adapter dropout on (apply_lora leaves it off)
     place(model, mesh)
     return model
+
+
+def replace_vision_tower(model: XLlava, source: str) -> None:
+    """Put the vision tower at `source` (a CLIP HF directory or our vision checkpoint) over `model`'s,
+    as LLaVA builds its model from an LLM and a separately trained CLIP."""
+    from xllava_jax.convert.load import load_pretrained
+
+    tower = load_pretrained(source, dtype=model.cfg.dtype, param_dtype=model.cfg.param_dtype)
+    if not isinstance(tower, VisionTower):
+        raise ConfigError(f"init_vision {source}: not a vision tower checkpoint")
+    if model.vision_tower is None or tower.cfg != model.cfg.vision:
+        raise ConfigError(f"init_vision {source}: its vision config {tower.cfg} does not match the model's "
+                          f"{model.cfg.vision}")
+    nnx.update(model.vision_tower, nnx.state(tower))
 
 
 def place(model: nnx.Module, mesh) -> None:
@@ -112,6 +129,12 @@ def place(model: nnx.Module, mesh) -> None:
 
 def _split_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def system_prompt(config) -> str | None:
+    """`data.system`: "default" (None: the template's own system prompt) or the text to use ("" for none)."""
+    value = config.data.get("system", "default")
+    return None if value == "default" else value
 
 
 def tokenizer_path(config) -> str:
@@ -144,6 +167,7 @@ def make_data(config, model_cfg: ModelConfig, local_batch: int):
     records, problems = load_records(corpora, strict=config.data.strict)
     spec = VifSpec(tokenizer=tokenizer_path(config), num_image_tokens=model_cfg.num_image_tokens,
                    image_token_id=model_cfg.image_token_id, template=config.data.template, mode=config.data.mode,
+                   system=system_prompt(config),
                    image_root=config.data.image_root or None, image_size=model_cfg.vision.image_size,
                    aspect=config.data.aspect, max_len=config.data.max_len, overflow=config.data.overflow,
                    strict=config.data.strict)
@@ -289,7 +313,8 @@ def train(config, workdir: str | Path) -> Path:
             final = strip_lora(final)
         if not (out / ckpt.META_FILE).exists():
             tok = Path(tokenizer_path(config))
-            ckpt.save_checkpoint(out, final, tokenizer_dir=tok.parent if tok.is_file() else tok)
+            prompt = {"template": config.data.template, "mode": config.data.mode, "system": system_prompt(config)}
+            ckpt.save_checkpoint(out, final, tokenizer_dir=tok.parent if tok.is_file() else tok, prompt=prompt)
         if main:
             plot_loss({config.stage: workdir}, workdir / "loss.png")
             (workdir / "summary.json").write_text(json.dumps(

@@ -1,0 +1,125 @@
+"""`xllava demo` end to end at smoke size, the contrastive vision pretraining and its hard negatives."""
+
+import json
+import random
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from xllava_jax.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
+from xllava_jax.cli import main as cli
+from xllava_jax.config import ConfigError, ModelConfig, VisionConfig
+from xllava_jax.data import synth_phrases as ph
+from xllava_jax.data.synth_scenes import Obj, Scene
+from xllava_jax.demo.pipeline import ABLATIONS
+from xllava_jax.demo.vision import hard_negatives
+from xllava_jax.models.vision import VisionTower
+from xllava_jax.models.xllava import XLlava
+from xllava_jax.train.contrastive import ContrastiveConfig, pretrain_vision_tower
+from xllava_jax.train.trainer import replace_vision_tower
+
+SMALL_VISION = VisionConfig(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=2,
+                            num_heads=2)
+
+
+def _scene(*objects: tuple[str, str, int]) -> Scene:
+    return Scene("s", tuple(Obj(shape, colour, "small", cell, (0.0, 0.0), 0.0, None)
+                            for shape, colour, cell in objects), "white", "plain")
+
+
+def _triples(scene: Scene) -> set[tuple[str, str, int]]:
+    return {(o.shape, o.colour, o.cell) for o in scene.objects}
+
+
+def test_hard_negatives_change_binding_or_place_only():
+    scene = _scene(("circle", "red", 0), ("square", "blue", 4), ("star", "green", 8))
+    rng = random.Random(0)
+    for _ in range(20):
+        swapped_colour, swapped_shape, moved, recoloured = hard_negatives(scene, rng)
+        for neg in (swapped_colour, swapped_shape, moved, recoloured):
+            assert _triples(neg) != _triples(scene)
+            assert [o.cell for o in neg.objects] == sorted(o.cell for o in neg.objects)  # reading order kept
+            assert ph.caption(neg, "en") != ph.caption(scene, "en")
+        # swaps keep the sets of colours, shapes and cells: only which goes with which changes
+        for neg in (swapped_colour, swapped_shape):
+            assert {o.colour for o in neg.objects} == {o.colour for o in scene.objects}
+            assert {o.shape for o in neg.objects} == {o.shape for o in scene.objects}
+            assert {o.cell for o in neg.objects} == {o.cell for o in scene.objects}
+        assert {(o.shape, o.colour) for o in moved.objects} == {(o.shape, o.colour) for o in scene.objects}
+        assert len({o.colour for o in recoloured.objects} - {o.colour for o in scene.objects}) == 1
+    single = _scene(("heart", "black", 2))
+    for neg in hard_negatives(single, rng):
+        assert _triples(neg) != _triples(single)
+
+
+def test_contrastive_pretraining_learns_to_match_images_and_captions():
+    """64 images of one coloured square each; the caption names the colour and the cell. After training,
+    an image's own caption scores above the others far more often than chance (1/16 per batch)."""
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 8, 64)
+    cells = rng.integers(0, 4, 64)
+    palette = rng.uniform(-1.5, 1.5, (8, 3))
+    images = np.zeros((64, 16, 16, 3), np.float32)
+    for i, (c, cell) in enumerate(zip(colours, cells)):
+        r, q = divmod(int(cell), 2)
+        images[i, 8 * r: 8 * r + 8, 8 * q: 8 * q + 8] = palette[c]
+    captions = [[1, 10 + int(c), 20 + int(cell)] for c, cell in zip(colours, cells)]
+    cfg = ContrastiveConfig(steps=60, batch_size=16, lr=3e-3, text_layers=1, embed_dim=32, max_text_len=4)
+    tower, history = pretrain_vision_tower(images, captions, 32, SMALL_VISION, cfg)
+    assert isinstance(tower, VisionTower) and tower.cfg == SMALL_VISION
+    first, last = history[:5], history[-10:]
+    assert np.mean([h["loss"] for h in last]) < 0.5 * np.mean([h["loss"] for h in first])
+    assert np.mean([h["i2t_acc"] for h in last]) > 0.5
+    with pytest.raises(ValueError, match="64 images but 3 captions"):
+        pretrain_vision_tower(images, captions[:3], 32, SMALL_VISION, cfg)
+
+
+def test_init_vision_puts_a_trained_tower_over_the_model(tmp_path):
+    cfg = ModelConfig.tiny()
+    tower = VisionTower(cfg.vision, rngs=nnx.Rngs(7))
+    save_checkpoint(tmp_path / "tower", tower)
+    model = XLlava(cfg, rngs=nnx.Rngs(0))
+    before = nnx.state(model.language_model)
+    replace_vision_tower(model, str(tmp_path / "tower"))
+    for a, b in zip(jax.tree.leaves(nnx.state(model.vision_tower)), jax.tree.leaves(nnx.state(tower))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves(nnx.state(model.language_model)), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    save_checkpoint(tmp_path / "other", VisionTower(SMALL_VISION, rngs=nnx.Rngs(0)))
+    with pytest.raises(ConfigError, match="does not match the model's"):
+        replace_vision_tower(model, str(tmp_path / "other"))
+    assert load_checkpoint(tmp_path / "tower")[1]["kind"] == "vision"
+
+
+@pytest.mark.slow
+def test_demo_smoke_runs_every_step_resumes_and_reports(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli(["demo", "--smoke", "--out", str(out), "--ablation"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(summary["accuracy"]) == {v.name for v in ABLATIONS}
+    report = out / "report" / "report.md"
+    assert summary["report"] == str(report)
+    text = report.read_text(encoding="utf-8")
+    for needle in ("Held-out accuracy", "majority baseline", "Vocabulary expansion", "| Korean | colour |",
+                   "base (English)"):
+        assert needle in text
+    assert (out / "report" / "report.png").read_bytes().startswith(b"\x89PNG")
+    ablation = (out / "report" / "ablation.md").read_text()
+    assert all(v.name in ablation for v in ABLATIONS)
+    # each variant trained its own stages: no LLM pretraining where the variant drops it
+    assert not (out / "no_LLM_pretraining" / "llm_pretrain").exists()
+    assert is_checkpoint(out / "full_recipe___generated_data" / "llm_pretrain" / "final")
+    vocab = json.loads((out / "shared" / "vocab_stats.json").read_text())
+    ko = [r for r in vocab["results"] if r["file"].endswith("text_ko.txt")]
+    assert ko[1]["tokens_per_char"] < ko[0]["tokens_per_char"]  # the expansion shortens Korean
+    scores = json.loads((out / "full_recipe___generated_data" / "eval" / "scores.json").read_text())
+    assert scores["ko"]["questions"] == len((out / "shared/data/vqa_heldout_ko.jsonl").read_text().splitlines())
+
+    # a rerun skips every finished step: nothing is trained or answered again
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("answers.jsonl")}
+    assert cli(["demo", "--smoke", "--out", str(out)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("answers.jsonl")} == stamp
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == {
+        k: v for k, v in summary["accuracy"].items() if k == ABLATIONS[-1].name}

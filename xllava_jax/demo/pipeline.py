@@ -1,0 +1,250 @@
+"""`xllava demo`: the whole X-LLaVA recipe at toy scale, step by step, each step resumable.
+
+  1 synth        `xllava data synth`: images, scene graphs, EN/KO/ZH records, held-out VQA, EN + KO text
+  2 tokenizer    a base BPE tokenizer trained on the English text, expanded with Korean pieces
+                 (`xllava vocab expand`), and `xllava vocab stats` on both
+  3 vision       a tiny CLIP vision tower pretrained contrastively on the image-caption pairs, then frozen
+  4 llm_pretrain the LLM on EN + KO text           (configs/llm_pretrain.py:demo)
+  5 align        the projector on EN + KO captions  (configs/align.py:demo)
+  6 vif          projector + LLM on the four task types, EN + KO (configs/vif.py:demo)
+  7 eval         `xllava eval run` + `xllava eval score --benchmark synth_vqa` on the held-out split, EN and KO
+  8 report       report.md + report.png: loss curves, vocabulary statistics, accuracy vs baselines, examples
+
+A step whose output exists is skipped, and the training stages resume from their checkpoints, so rerunning
+the same command after an interruption goes on where it stopped. Variants (`--ablation`) drop the vocabulary
+expansion, the LLM pretraining or the generated four-task data, as the paper's Table 2 does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import sentencepiece as spm
+
+from xllava_jax.config import ModelConfig
+from xllava_jax.errors import UserError
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+TASKS_GENERATED = ("object", "location", "atmosphere")  # the mvif-style tasks; "conversation" stands for LLaVA-Instruct
+
+
+class DemoError(UserError):
+    """A demo directory or setting the demo cannot use."""
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Sizes and step counts. `default()` is what `make demo` runs; `smoke()` checks the plumbing in seconds."""
+
+    images: int = 3000
+    heldout: int = 300
+    text_lines: int = 4000
+    base_vocab: int = 1000
+    korean_pieces: int = 800
+    clip_steps: int = 300
+    clip_batch: int = 128
+    pretrain_steps: int = 150
+    align_steps: int = 150
+    vif_steps: int = 300
+    eval_batch: int = 32
+    examples: int = 4
+    seed: int = 0
+
+    @classmethod
+    def smoke(cls) -> DemoSettings:
+        return cls(images=40, heldout=8, text_lines=200, base_vocab=400, korean_pieces=100, clip_steps=3,
+                   clip_batch=16, pretrain_steps=2, align_steps=2, vif_steps=2, eval_batch=8, examples=2)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the ablation: which recipe levers are on."""
+
+    name: str
+    expand_vocab: bool = True
+    llm_pretrain: bool = True
+    generated_data: bool = True
+
+
+FULL = Variant("full recipe + generated data")
+ABLATIONS = (Variant("no vocab expansion, no LLM pretraining", expand_vocab=False, llm_pretrain=False),
+             Variant("no LLM pretraining", llm_pretrain=False),
+             Variant("full recipe", generated_data=False),
+             FULL)
+
+
+def _slug(variant: Variant) -> str:
+    return "".join(c if c.isalnum() else "_" for c in variant.name).strip("_")
+
+
+class Demo:
+    """The demo's directory layout and steps. `out/shared` holds what every variant shares (data, tokenizers,
+    vision tower); `out/<variant>` holds a variant's stages, answers and scores."""
+
+    def __init__(self, out: str | Path, settings: DemoSettings, log: Callable[[str], None] = print):
+        self.out, self.settings, self.log = Path(out), settings, log
+        self.data = self.out / "shared" / "data"
+        self.base_tok = self.out / "shared" / "tokenizer_base"
+        self.expanded_tok = self.out / "shared" / "tokenizer_expanded"
+        self.vision = self.out / "shared" / "vision_tower"
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------ shared steps
+    def _timed(self, name: str, work: Callable[[], object]) -> None:
+        start = time.perf_counter()
+        work()
+        self.timings[name] = round(time.perf_counter() - start, 1)
+
+    def synth(self) -> None:
+        from xllava_jax.data.synthetic import synthesize
+
+        if (self.data / "summary.json").exists():
+            return
+        if self.data.exists():
+            shutil.rmtree(self.data)  # an interrupted synthesis: start it again
+        s = self.settings
+        self.log("1/8 synthetic corpus")
+        synthesize(self.data, seed=s.seed, num_images=s.images, num_heldout=s.heldout, image_size=48,
+                   text_lines=s.text_lines, progress=True)
+
+    def tokenizers(self) -> None:
+        from xllava_jax.tokenizer.expand import expand_tokenizer
+        from xllava_jax.tokenizer.stats import compute_stats, format_table
+
+        stats_file = self.out / "shared" / "vocab_stats.json"
+        if stats_file.exists():
+            return
+        self.log("2/8 tokenizers: a base trained on English, expanded with Korean pieces")
+        for d in (self.base_tok, self.expanded_tok):
+            if d.exists():
+                shutil.rmtree(d)
+        self.base_tok.mkdir(parents=True)
+        spm.SentencePieceTrainer.train(
+            input=str(self.data / "text_en.txt"), model_prefix=str(self.base_tok / "tokenizer"), model_type="bpe",
+            vocab_size=self.settings.base_vocab, byte_fallback=True, split_digits=True, character_coverage=1.0,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, minloglevel=2)
+        expand_tokenizer(self.base_tok / "tokenizer.model", self.expanded_tok,
+                         train_corpus=[self.data / "text_ko.txt"], num_new=self.settings.korean_pieces)
+        stats = compute_stats([self.base_tok / "tokenizer.model", self.expanded_tok / "tokenizer.model"],
+                              [self.data / "text_en.txt", self.data / "text_ko.txt"])
+        self.log(format_table(stats))
+        stats_file.write_text(json.dumps(stats, indent=1) + "\n")
+
+    def vision_tower(self) -> None:
+        from xllava_jax.checkpoint import is_checkpoint
+        from xllava_jax.demo.vision import pretrain_clip
+        from xllava_jax.train.contrastive import ContrastiveConfig
+
+        if is_checkpoint(self.vision):
+            return
+        if self.vision.exists():
+            shutil.rmtree(self.vision)
+        self.log("3/8 contrastive pretraining of the vision tower")
+        s = self.settings
+        history = pretrain_clip(self.data, self.expanded_tok, ModelConfig.demo().vision, self.vision,
+                                cfg=ContrastiveConfig(steps=s.clip_steps, batch_size=s.clip_batch, seed=s.seed),
+                                progress=True)
+        with open(self.out / "shared" / "clip_metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(h) + "\n" for h in history)
+
+    # ------------------------------------------------------------------------------ per variant
+    def stage_config(self, stage: str, variant: Variant, init: str):
+        from xllava_jax.train.config import apply_overrides, load_config
+
+        s, d = self.settings, self.data
+        tok = self.expanded_tok if variant.expand_vocab else self.base_tok
+        overrides = [f"tokenizer={tok}", f"seed={s.seed}", f"init={init}"]
+        if stage == "llm_pretrain":
+            overrides += [f"data.text={d / 'text_en.txt'},{d / 'text_ko.txt'}", f"train.steps={s.pretrain_steps}"]
+        elif stage == "align":
+            overrides += [f"data.corpus={d / 'captions_en.json'},{d / 'captions_ko.json'}", f"data.image_root={d}",
+                          f"train.steps={s.align_steps}", f"init_vision={self.vision}"]
+        else:
+            corpus = self._vif_corpus(variant)
+            overrides += [f"data.corpus={corpus}", f"data.image_root={d}", f"train.steps={s.vif_steps}"]
+        return apply_overrides(load_config(f"{CONFIGS / stage}.py:demo"), overrides)
+
+    def _vif_corpus(self, variant: Variant) -> Path:
+        """EN + KO records of the four task types (or the conversation task alone without generated data)."""
+        name = "vif_train.json" if variant.generated_data else "vif_conversation_only.json"
+        path = self.out / "shared" / name
+        if not path.exists():
+            records = []
+            for lang in ("en", "ko"):
+                records += json.loads((self.data / f"vif_{lang}.json").read_text(encoding="utf-8"))
+            if not variant.generated_data:
+                records = [r for r in records if r["task"] not in TASKS_GENERATED]
+            path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+        return path
+
+    def train_variant(self, variant: Variant) -> Path:
+        """Run the variant's stages; returns its final checkpoint."""
+        from xllava_jax.checkpoint import is_checkpoint
+        from xllava_jax.train.trainer import train
+
+        root = self.out / _slug(variant)
+        init = ""
+        stages = (["llm_pretrain"] if variant.llm_pretrain else []) + ["align", "vif"]
+        for number, stage in enumerate(stages, start=4 if variant.llm_pretrain else 5):
+            workdir = root / stage
+            final = workdir / "final"
+            if not is_checkpoint(final):
+                self.log(f"{number}/8 {stage} ({variant.name})")
+                train(self.stage_config(stage, variant, init), workdir)
+            init = str(final)
+        return Path(init)
+
+    def evaluate(self, variant: Variant, ckpt: Path) -> dict:
+        from xllava_jax.eval.runner import RunOptions, run_eval
+        from xllava_jax.eval.scorers import score
+        from xllava_jax.eval.scorers.common import ScoreRequest
+        from xllava_jax.infer.engine import Engine
+
+        root = self.out / _slug(variant) / "eval"
+        scores_file = root / "scores.json"
+        if scores_file.exists():
+            return json.loads(scores_file.read_text())
+        self.log(f"7/8 evaluation on the held-out split ({variant.name})")
+        engine = Engine.load(ckpt, model_id=_slug(variant))
+        scores = {}
+        for lang in ("en", "ko"):
+            questions = self.data / f"vqa_heldout_{lang}.jsonl"
+            opts = RunOptions(benchmark="synth_vqa", ckpt=ckpt, data=questions, out=root / lang, image_root=self.data,
+                              batch_size=self.settings.eval_batch, max_new_tokens=8)
+            summary = run_eval(opts, engine=engine, process=(0, 1))
+            scores[lang] = score(ScoreRequest("synth_vqa", Path(summary["answers"]), questions=questions))
+        scores_file.write_text(json.dumps(scores, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        return scores
+
+
+def run_demo(out: str | Path, settings: DemoSettings | None = None, *, ablation: bool = False,
+             log: Callable[[str], None] = print) -> dict:
+    """Run every step (skipping finished ones) and write the report; returns {variant name: scores}."""
+    from xllava_jax.demo.report import write_ablation, write_report
+
+    demo = Demo(out, settings or DemoSettings(), log)
+    demo.out.mkdir(parents=True, exist_ok=True)
+    demo._timed("synth", demo.synth)
+    demo._timed("tokenizers", demo.tokenizers)
+    demo._timed("vision", demo.vision_tower)
+    results = {}
+    for variant in (ABLATIONS if ablation else (FULL,)):
+        start = time.perf_counter()
+        ckpt = demo.train_variant(variant)
+        demo.timings[f"train: {variant.name}"] = round(time.perf_counter() - start, 1)
+        start = time.perf_counter()
+        results[variant.name] = {"ckpt": str(ckpt), "scores": demo.evaluate(variant, ckpt),
+                                 "dir": _slug(variant), "variant": dataclasses.asdict(variant)}
+        demo.timings[f"eval: {variant.name}"] = round(time.perf_counter() - start, 1)
+    log("8/8 report")
+    report = write_report(demo, results[FULL.name])
+    if ablation:
+        write_ablation(demo, results)
+    return {"report": str(report), "results": results, "timings": demo.timings}

@@ -1,0 +1,168 @@
+"""Batched and streamed generation for the server: `Job`s (validated requests) in, `Answer`s out.
+
+`Batcher` runs a worker thread that collects up to `max_batch` queued jobs (waiting at most `wait_s` after
+the first), groups those with equal sampling settings and answers each group with ONE batched generate
+(`generate_rows`). max_tokens is rounded up to a bucket (the next power of two, at least 16) and the batch
+to a power-of-two size, so few programs compile; each row is then cut to its own max_tokens and stop
+strings. `stream_answer` generates one job token by token. Both run under the caller's engine lock.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# The engine's own decoding helpers, so batched and streamed text match Engine.generate / Engine.stream.
+from xllava_jax.infer.engine import Answer, Engine, _TextStream, _tokens_until_stop
+from xllava_jax.infer.generate import GenerationConfig, truncate_at_stop
+from xllava_jax.infer.openai_protocol import APIError, Sampling
+
+
+def new_token_bucket(max_tokens: int) -> int:
+    """The number of tokens actually generated for `max_tokens`: the next power of two, at least 16."""
+    return max(16, 1 << (max_tokens - 1).bit_length())
+
+
+@dataclass
+class Job:
+    """One validated request: prompt ids int[P], its image float32[H, W, 3] or None, its own limits."""
+
+    prompt: list[int]
+    image: np.ndarray | None
+    max_tokens: int
+    sampling: Sampling
+    stop: tuple[str, ...]
+    done: threading.Event = field(default_factory=threading.Event)
+    answer: Answer | None = None
+    error: BaseException | None = None
+
+
+def _config(engine: Engine, jobs: list[Job]) -> GenerationConfig:
+    s = jobs[0].sampling
+    return engine.generation_config(max_new_tokens=new_token_bucket(max(j.max_tokens for j in jobs)),
+                                    temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed)
+
+
+def generate_rows(engine: Engine, jobs: list[Job], batch_size: int) -> list[Answer]:
+    """Answer `jobs` (equal sampling settings) with ONE batched generate of at least `batch_size` rows
+    (padded with copies of the first job), laid out as `Engine.generate` does; each row is cut to its
+    own max_tokens (finish_reason "length") and stop strings."""
+    rows = max(batch_size, len(jobs))
+    if engine.mesh is not None:
+        data = engine.mesh.shape["data"]
+        rows = -(-rows // data) * data
+    padded = jobs + [jobs[0]] * (rows - len(jobs))
+    pixels = None
+    if engine.image_config is not None:  # float[B, 1, H, W, 3]: zeros for rows without an image
+        size = engine.image_config.size
+        pixels = np.zeros((rows, 1, size, size, 3), np.float32)
+        for i, job in enumerate(padded):
+            if job.image is not None:
+                pixels[i, 0] = job.image
+    result = engine.generator.generate([job.prompt for job in padded], pixels, _config(engine, jobs))
+    answers = []
+    for job, tokens, reason in zip(jobs, result.tokens, result.finish_reasons):
+        if len(tokens) >= job.max_tokens:  # an eos after the row's own limit was never reached
+            tokens, reason = tokens[:job.max_tokens], "length"
+        text, stopped = truncate_at_stop(engine.tokenizer.decode(tokens), job.stop)
+        used = _tokens_until_stop(engine.tokenizer, tokens, job.stop) if stopped else len(tokens)
+        answers.append(Answer(text.strip(), len(job.prompt), used, "stop" if stopped else reason))
+    return answers
+
+
+def stream_answer(engine: Engine, job: Job, emit: Callable[[str], None]) -> tuple[int, str]:
+    """Generate one answer token by token, calling `emit(delta)` with each safe text delta; returns
+    (completion tokens, finish_reason). The text equals `generate_rows`' for the same job."""
+    pixels = None if job.image is None else job.image[None]
+    text = _TextStream(engine.tokenizer, job.stop)
+    count = 0
+    for token in engine.generator.stream(job.prompt, pixels, _config(engine, [job])):
+        count += 1
+        delta = text.push(token)
+        if delta:
+            emit(delta)
+        if text.stopped:
+            return count, "stop"
+        if count == job.max_tokens:
+            return count, "length"
+    return count, "stop"  # the generator ended at an eos
+
+
+class Batcher:
+    """Runs queued non-streaming jobs in batched generate calls on a worker thread.
+
+    `batch_sizes` lists how many requests each generate call served (a hook for tests and logs).
+    """
+
+    def __init__(self, engine: Engine, lock: threading.Lock, *, max_batch: int = 8, wait_s: float = 0.01):
+        self.engine, self.lock, self.max_batch, self.wait_s = engine, lock, max_batch, wait_s
+        self.batch_sizes: list[int] = []
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._closing = False
+        self._submit_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="xllava-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> Answer:
+        """Queue `job` and wait for its answer (re-raises the generate call's error)."""
+        with self._submit_lock:
+            if self._closing:
+                raise APIError(503, "the server is shutting down", type="server_error")
+            self._queue.put(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.answer
+
+    def close(self) -> None:
+        """Finish the jobs queued so far, then stop the worker."""
+        with self._submit_lock:
+            if self._closing:
+                return
+            self._closing = True
+            self._queue.put(None)
+        self._thread.join()
+
+    def _collect(self) -> list[Job]:
+        """The first queued job and those arriving within `wait_s` after it, up to `max_batch`."""
+        first = self._queue.get()
+        if first is None:
+            return []
+        jobs, deadline = [first], time.monotonic() + self.wait_s
+        while len(jobs) < self.max_batch:
+            try:
+                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if job is None:
+                self._queue.put(None)  # seen again by the next _collect, which ends the loop
+                break
+            jobs.append(job)
+        return jobs
+
+    def _loop(self) -> None:
+        while jobs := self._collect():
+            groups: dict[Sampling, list[Job]] = {}
+            for job in jobs:
+                groups.setdefault(job.sampling, []).append(job)
+            for group in groups.values():
+                self._run(group)
+
+    def _run(self, jobs: list[Job]) -> None:
+        try:
+            with self.lock:
+                answers = generate_rows(self.engine, jobs, min(self.max_batch, 1 << (len(jobs) - 1).bit_length()))
+            self.batch_sizes.append(len(jobs))
+        except Exception as e:  # noqa: BLE001 - handed to the waiting request threads, which answer 500
+            for job in jobs:
+                job.error = e
+                job.done.set()
+            return
+        for job, answer in zip(jobs, answers):
+            job.answer = answer
+            job.done.set()
