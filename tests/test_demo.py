@@ -14,6 +14,7 @@ from xllava_jax.config import ConfigError, ModelConfig, VisionConfig
 from xllava_jax.data import synth_phrases as ph
 from xllava_jax.data.synth_scenes import Obj, Scene
 from xllava_jax.demo.pipeline import ABLATIONS
+from xllava_jax.demo.report import accuracy_rows, verdict
 from xllava_jax.demo.vision import hard_negatives
 from xllava_jax.models.vision import VisionTower
 from xllava_jax.models.xllava import XLlava
@@ -123,3 +124,18 @@ def test_demo_smoke_runs_every_step_resumes_and_reports(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("answers.jsonl")} == stamp
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == {
         k: v for k, v in summary["accuracy"].items() if k == ABLATIONS[-1].name}
+
+
+def test_report_verdict_names_what_was_learned_and_the_colour_shortcut():
+    def kinds(colour, count):
+        return {"colour": {"accuracy": colour, "questions": 10, "majority_answer": "red", "majority_baseline": 20.0,
+                           "present_colour_shortcut": 50.0},
+                "count": {"accuracy": count, "questions": 10, "majority_answer": "2", "majority_baseline": 25.0}}
+
+    scores = {lang: {"per_lang": {lang: {"kinds": kinds(*values)}}}
+              for lang, values in (("en", (60.0, 80.0)), ("ko", (45.0, 40.0)))}
+    lines = verdict(accuracy_rows(scores))
+    assert lines[0] == "- Learned (at least 2x the majority baseline in both languages): colour."
+    assert "- Colour, English: 60.0%, above the 50.0% of naming any colour present." in lines
+    assert "- Colour, Korean: 45.0%, below the 50.0% of naming any colour present." in lines
+    assert lines[-1] == "- At chance (under 1.2x the majority baseline): nothing."

@@ -37,7 +37,15 @@ from xllava_jax.models.xllava import XLlava
 from xllava_jax.train.config import apply_overrides, load_config
 from xllava_jax.train.metrics import read_metrics
 from xllava_jax.train.sharding import MESH_AXES, logical_to_spec
-from xllava_jax.train.trainer import build_model, global_batch, make_mesh, prepare, train
+from xllava_jax.train.trainer import (
+    EMPTY_STEPS_LIMIT,
+    TrainingError,
+    build_model,
+    global_batch,
+    make_mesh,
+    prepare,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 VIF, ALIGN, PRETRAIN = (f"{ROOT}/configs/{stage}.py:demo" for stage in ("vif", "align", "llm_pretrain"))
@@ -359,6 +367,15 @@ def test_nonfinite_step_stops_with_a_message_then_skip_counts(corpus, env, tmp_p
     assert [r["nonfinite_steps_skipped"] for r in rows] == [0, 1, 2, 3]
     assert all(r["loss"] is None for r in rows[1:])  # non-finite losses are written as null (strict JSON)
     assert json.loads((tmp_path / "summary.json").read_text())["nonfinite_steps_skipped"] == 3
+
+
+def test_a_run_whose_batches_hold_no_answer_stops_with_a_message(corpus, tmp_path):
+    """max_len 8 cuts every caption record before its answer: each is skipped, and after EMPTY_STEPS_LIMIT
+    empty batches the run stops instead of 'training' on nothing."""
+    overrides = vif_overrides(corpus, train__steps=EMPTY_STEPS_LIMIT + 5, data__max_len=8)
+    with pytest.raises(TrainingError, match=f"the last {EMPTY_STEPS_LIMIT} batches held no supervised token"):
+        train(in_process_config(VIF, overrides), tmp_path)
+    assert [r["supervised_tokens"] for r in read_metrics(tmp_path)] == [0] * (EMPTY_STEPS_LIMIT - 1)
 
 
 # --------------------------------------------------------------------------- 4. sharding (8 devices)

@@ -125,17 +125,36 @@ class Demo:
             if d.exists():
                 shutil.rmtree(d)
         self.base_tok.mkdir(parents=True)
+        english, korean = (self._tokenizer_text(lang) for lang in ("en", "ko"))
         spm.SentencePieceTrainer.train(
-            input=str(self.data / "text_en.txt"), model_prefix=str(self.base_tok / "tokenizer"), model_type="bpe",
+            input=str(english), model_prefix=str(self.base_tok / "tokenizer"), model_type="bpe",
             vocab_size=self.settings.base_vocab, byte_fallback=True, split_digits=True, character_coverage=1.0,
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
             remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, minloglevel=2)
         expand_tokenizer(self.base_tok / "tokenizer.model", self.expanded_tok,
-                         train_corpus=[self.data / "text_ko.txt"], num_new=self.settings.korean_pieces)
+                         train_corpus=[korean], num_new=self.settings.korean_pieces)
         stats = compute_stats([self.base_tok / "tokenizer.model", self.expanded_tok / "tokenizer.model"],
                               [self.data / "text_en.txt", self.data / "text_ko.txt"])
         self.log(format_table(stats))
         stats_file.write_text(json.dumps(stats, indent=1) + "\n")
+
+    def _tokenizer_text(self, lang: str) -> Path:
+        """The text a tokenizer is trained on: the language's pretraining text and its instruction records as
+        the model reads them (rendered with the vif template), so template markers and prompt suffixes get
+        pieces of their own."""
+        from xllava_jax.data import conversation as conv
+
+        path = self.out / "shared" / f"tokenizer_text_{lang}.txt"
+        lines = (self.data / f"text_{lang}.txt").read_text(encoding="utf-8").splitlines()
+        for record in json.loads((self.data / f"vif_{lang}.json").read_text(encoding="utf-8")):
+            turns = [("human" if t["from"] == "human" else "gpt", t["value"]) for t in record["conversations"]]
+            pieces = conv.render("llava_llama_2", turns, system="")
+            text = conv.template_text(pieces)
+            for literal in (conv.IMAGE, "<s>", "</s>", "\n"):
+                text = text.replace(literal, " ")
+            lines.append(text)
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return path
 
     def vision_tower(self) -> None:
         from xllava_jax.checkpoint import is_checkpoint

@@ -51,6 +51,27 @@ def accuracy_rows(scores: dict) -> list[dict]:
     return rows
 
 
+def verdict(rows: list[dict]) -> list[str]:
+    """Plain sentences on what the model learned: kinds at >= 2x their majority baseline in both languages,
+    the colour score against the name-a-present-colour shortcut, and the kinds left at chance."""
+    kinds = [k for k in KIND_ORDER if any(r["kind"] == k for r in rows)]
+
+    def ratio(kind: str) -> list[float]:
+        return [r["accuracy"] / r["majority_baseline"] if r["majority_baseline"] else 0.0
+                for r in rows if r["kind"] == kind]
+
+    learned = [k for k in kinds if min(ratio(k)) >= 2.0]
+    chance = [k for k in kinds if max(ratio(k)) < 1.2]
+    lines = [f"- Learned (at least 2x the majority baseline in both languages): {', '.join(learned) or 'nothing'}."]
+    for r in rows:
+        if r["kind"] == "colour" and r["present_colour_shortcut"] is not None:
+            side = "above" if r["accuracy"] > r["present_colour_shortcut"] else "below"
+            lines.append(f"- Colour, {LANG_NAMES[r['lang']]}: {r['accuracy']:.1f}%, {side} the "
+                         f"{r['present_colour_shortcut']:.1f}% of naming any colour present.")
+    lines.append(f"- At chance (under 1.2x the majority baseline): {', '.join(chance) or 'nothing'}.")
+    return lines
+
+
 def _accuracy_table(rows: list[dict]) -> list[str]:
     lines = ["| language | question kind | questions | accuracy % | majority baseline % (answer) | x baseline | "
              "name-a-present-colour % |", "|---|---|---|---|---|---|---|"]
@@ -156,7 +177,8 @@ def write_report(demo: Demo, result: dict) -> Path:
              "![report](report.png)", "", "## Held-out accuracy (exact match, greedy)", "",
              f"Overall: English {scores['en']['accuracy']:.1f}%, Korean {scores['ko']['accuracy']:.1f}%. The majority "
              "baseline answers every question of a kind with its most common gold answer; for colour questions, "
-             "naming any colour present in the image scores the shortcut column.", "", *_accuracy_table(rows), "",
+             "naming any colour present in the image scores the shortcut column.", "", *verdict(rows), "",
+             *_accuracy_table(rows), "",
              "## Vocabulary expansion", "", *_vocab_lines(stats), "", "## Examples", ""]
     for ex in examples:
         name = Path(ex["image"]).name

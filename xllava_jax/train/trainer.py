@@ -39,6 +39,9 @@ log = logging.getLogger("xllava.train")
 STAGES = ("llm_pretrain", "align", "vif")
 
 
+EMPTY_STEPS_LIMIT = 10  # consecutive batches without a supervised token that stop a run
+
+
 class TrainingError(RuntimeError):
     """A run that cannot go on (non-finite loss, bad setup); the message says why and where."""
 
@@ -334,7 +337,7 @@ def _loop(config, run: TrainSetup, state, data, mesh, manager, metrics_out, bar,
     lrs = {g: np.asarray(s(np.arange(config.train.steps))) for g, s in run.schedules.items()}
     # MFU against what XLA reaches on a plain matmul here, in the compute dtype, over all devices.
     peak = matmul_peak_flops(config.model.dtype) * jax.device_count()
-    step = start
+    step, empty = start, 0
     while step < config.train.steps:
         batch = global_batch(next(data), mesh)
         t0 = time.perf_counter()
@@ -351,6 +354,12 @@ def _loop(config, run: TrainSetup, state, data, mesh, manager, metrics_out, bar,
                                     "--config.train.skip_nonfinite=true to skip such steps instead)")
             counters["nonfinite_steps_skipped"] += 1
         counters["skipped_records"] += int(m.get("skipped_records", 0))
+        empty = empty + 1 if int(m["supervised_tokens"]) == 0 else 0
+        if empty == EMPTY_STEPS_LIMIT:
+            manager.wait_until_finished()
+            raise TrainingError(f"the last {EMPTY_STEPS_LIMIT} batches held no supervised token (every record "
+                                f"skipped or without an answer; {counters['skipped_records']} records skipped so "
+                                "far, see the warnings); raise data.max_len or check data.corpus")
         tokens = int(np.prod(batch["input_ids"].shape))
         flops_per_s = model_flops_per_step(run.model_cfg, batch, trainable_llm) / elapsed
         row = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
