@@ -439,9 +439,9 @@ def test_image_folder_run_with_two_languages(tmp_path, capsys, monkeypatch):
 # ---------------------------------------------------------------- killed and interrupted runs
 
 
-def _start(server: ScriptedServer, vg: Path, out: Path) -> subprocess.Popen:
+def _start(server: ScriptedServer, vg: Path, out: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "xllava_jax.cli", "datagen", *base_args(server, vg, out, "--max-images", "3",
-                                                                          "--concurrency", "2")]
+                                                                          "--concurrency", "2", *extra)]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -488,8 +488,10 @@ def test_killed_run_resumes_to_exactly_one_record_per_item(tmp_path, capsys):
 def test_ctrl_c_saves_what_was_accepted_and_exits_130(tmp_path):
     vg = make_vg(tmp_path / "vg")
     out = tmp_path / "out"
-    with ScriptedServer(FakeModel(vg, delay_s=0.3)) as server:
-        proc = _start(server, vg, out)
+    # 1 s per reply (within a 10 s timeout): after the second accepted record ~5 s of work remain, so the
+    # signal lands mid-run even on a loaded machine
+    with ScriptedServer(FakeModel(vg, delay_s=1.0)) as server:
+        proc = _start(server, vg, out, "--timeout", "10")
         _wait_for_lines(out / "accepted.jsonl", 2, proc)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)

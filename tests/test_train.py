@@ -370,9 +370,10 @@ def test_nonfinite_step_stops_with_a_message_then_skip_counts(corpus, env, tmp_p
 
 
 def test_a_run_whose_batches_hold_no_answer_stops_with_a_message(corpus, tmp_path):
-    """max_len 8 cuts every caption record before its answer: each is skipped, and after EMPTY_STEPS_LIMIT
-    empty batches the run stops instead of 'training' on nothing."""
-    overrides = vif_overrides(corpus, train__steps=EMPTY_STEPS_LIMIT + 5, data__max_len=8)
+    """With LLaMA-2's system prompt before the question, max_len 24 cuts every record before its answer:
+    each is skipped, and after EMPTY_STEPS_LIMIT empty batches the run stops instead of 'training' on nothing."""
+    overrides = vif_overrides(corpus, train__steps=EMPTY_STEPS_LIMIT + 5, data__max_len=24,
+                              data__template="llava_llama_2", data__system="default")
     with pytest.raises(TrainingError, match=f"the last {EMPTY_STEPS_LIMIT} batches held no supervised token"):
         train(in_process_config(VIF, overrides), tmp_path)
     assert [r["supervised_tokens"] for r in read_metrics(tmp_path)] == [0] * (EMPTY_STEPS_LIMIT - 1)
