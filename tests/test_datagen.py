@@ -442,8 +442,11 @@ def test_image_folder_run_with_two_languages(tmp_path, capsys, monkeypatch):
 def _start(server: ScriptedServer, vg: Path, out: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "xllava_jax.cli", "datagen", *base_args(server, vg, out, "--max-images", "3",
                                                                           "--concurrency", "2", *extra)]
+    # The child gets the default SIGINT disposition whatever the test process holds (a child started while
+    # SIGINT is ignored would inherit that, and Python would then never raise KeyboardInterrupt in it).
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen, limit_s: float = 60) -> None:
