@@ -96,7 +96,8 @@ class Demo:
         self.timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------ shared steps
-    def _timed(self, name: str, work: Callable[[], object]) -> None:
+    def timed(self, name: str, work: Callable[[], object]) -> None:
+        """Run `work()` and record its wall time under `name` (seconds, for the report)."""
         start = time.perf_counter()
         work()
         self.timings[name] = round(time.perf_counter() - start, 1)
@@ -250,9 +251,9 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, *, ablation:
 
     demo = Demo(out, settings or DemoSettings(), log)
     demo.out.mkdir(parents=True, exist_ok=True)
-    demo._timed("synth", demo.synth)
-    demo._timed("tokenizers", demo.tokenizers)
-    demo._timed("vision", demo.vision_tower)
+    demo.timed("synth", demo.synth)
+    demo.timed("tokenizers", demo.tokenizers)
+    demo.timed("vision", demo.vision_tower)
     results = {}
     for variant in (ABLATIONS if ablation else (FULL,)):
         start = time.perf_counter()

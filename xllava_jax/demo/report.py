@@ -108,7 +108,7 @@ def _question(answer: dict) -> str:
     return answer["prompt"].split("\n")[0].replace("<image>", "").strip()
 
 
-def _plot(demo: Demo, variant_dir: str, rows: list[dict], examples: list[dict], out: Path) -> None:
+def _plot(demo: Demo, variant_dir: str, rows: list[dict], examples: list[dict], stats: dict, out: Path) -> None:
     font = _hangul_font()
     if font:
         plt.rcParams["font.family"] = [font, "DejaVu Sans"]
@@ -141,7 +141,6 @@ def _plot(demo: Demo, variant_dir: str, rows: list[dict], examples: list[dict], 
                ylim=(0, 100))
         ax.legend()
     ax = fig.add_subplot(grid[0, 2:])
-    stats = json.loads((demo.out / "shared" / "vocab_stats.json").read_text())
     labels = [f"{Path(r['file']).stem}\n{'expanded' if 'expanded' in r['tokenizer'] else 'base'}"
               for r in stats["results"]]
     ax.bar(range(len(labels)), [r["tokens_per_char"] for r in stats["results"]], color="tab:green")
@@ -169,8 +168,8 @@ def write_report(demo: Demo, result: dict) -> Path:
     variant_dir, scores = result["dir"], result["scores"]
     rows = accuracy_rows(scores)
     examples = _examples(demo, variant_dir)
-    _plot(demo, variant_dir, rows, examples, out / "report.png")
     stats = json.loads((demo.out / "shared" / "vocab_stats.json").read_text())
+    _plot(demo, variant_dir, rows, examples, stats, out / "report.png")
     lines = ["# X-LLaVA at toy scale: what the demo trained and what it learned", "",
              f"Model: `{result['ckpt']}` ({result['variant']['name'] if 'name' in result['variant'] else ''}). "
              "Held-out images show compositions that no training image shows.", "",

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# The engine's own decoding helpers, so batched and streamed text match Engine.generate / Engine.stream.
-from xllava_jax.infer.engine import Answer, Engine, _TextStream, _tokens_until_stop
-from xllava_jax.infer.generate import GenerationConfig, truncate_at_stop
+# The engine's own text stream, so streamed text matches Engine.generate / Engine.stream.
+from xllava_jax.infer.engine import Answer, Engine, _TextStream
+from xllava_jax.infer.generate import GenerationConfig
 from xllava_jax.infer.openai_protocol import APIError, Sampling
 
 
@@ -49,30 +49,11 @@ def _config(engine: Engine, jobs: list[Job]) -> GenerationConfig:
 
 
 def generate_rows(engine: Engine, jobs: list[Job], batch_size: int) -> list[Answer]:
-    """Answer `jobs` (equal sampling settings) with ONE batched generate of at least `batch_size` rows
-    (padded with copies of the first job), laid out as `Engine.generate` does; each row is cut to its
-    own max_tokens (finish_reason "length") and stop strings."""
-    rows = max(batch_size, len(jobs))
-    if engine.mesh is not None:
-        data = engine.mesh.shape["data"]
-        rows = -(-rows // data) * data
-    padded = jobs + [jobs[0]] * (rows - len(jobs))
-    pixels = None
-    if engine.image_config is not None:  # float[B, 1, H, W, 3]: zeros for rows without an image
-        size = engine.image_config.size
-        pixels = np.zeros((rows, 1, size, size, 3), np.float32)
-        for i, job in enumerate(padded):
-            if job.image is not None:
-                pixels[i, 0] = job.image
-    result = engine.generator.generate([job.prompt for job in padded], pixels, _config(engine, jobs))
-    answers = []
-    for job, tokens, reason in zip(jobs, result.tokens, result.finish_reasons):
-        if len(tokens) >= job.max_tokens:  # an eos after the row's own limit was never reached
-            tokens, reason = tokens[:job.max_tokens], "length"
-        text, stopped = truncate_at_stop(engine.tokenizer.decode(tokens), job.stop)
-        used = _tokens_until_stop(engine.tokenizer, tokens, job.stop) if stopped else len(tokens)
-        answers.append(Answer(text.strip(), len(job.prompt), used, "stop" if stopped else reason))
-    return answers
+    """Answer `jobs` (equal sampling settings) with ONE batched `Engine.generate` of at least `batch_size`
+    rows; each row is cut to its own max_tokens (finish_reason "length") and stop strings."""
+    return engine.generate([job.prompt for job in jobs], [job.image for job in jobs], _config(engine, jobs),
+                           batch_size=batch_size, limits=[job.max_tokens for job in jobs],
+                           stops=[job.stop for job in jobs])
 
 
 def stream_answer(engine: Engine, job: Job, emit: Callable[[str], None]) -> tuple[int, str]:

@@ -166,12 +166,15 @@ class Engine:
         except (TypeError, ValueError) as e:
             raise EngineError(f"bad generation settings: {e}") from None
 
-    def _check_row(self, prompt: Sequence[int], image: np.ndarray | None, config: GenerationConfig) -> None:
-        """A prompt must fit the context with its new tokens, and hold an image slot iff it has an image."""
+    def _check_row(self, prompt: Sequence[int], image: np.ndarray | None, config: GenerationConfig,
+                   limit: int | None = None) -> None:
+        """A prompt must fit the context with its new tokens (`limit`, default config.max_new_tokens), and hold
+        an image slot iff it has an image."""
         if not prompt:
             raise EngineError("empty prompt")
-        if len(prompt) + config.max_new_tokens > self.max_context:
-            raise EngineError(f"the prompt ({len(prompt)} tokens) plus max_new_tokens ({config.max_new_tokens}) "
+        limit = config.max_new_tokens if limit is None else limit
+        if len(prompt) + limit > self.max_context:
+            raise EngineError(f"the prompt ({len(prompt)} tokens) plus max_new_tokens ({limit}) "
                               f"exceeds the model's context of {self.max_context} tokens")
         if (self.cfg.image_token_id in prompt) != (image is not None):
             raise EngineError("a prompt with an image slot needs an image, and an image needs an image slot "
@@ -179,16 +182,22 @@ class Engine:
 
     # ------------------------------------------------------------------------------- generation
     def generate(self, prompts: list[list[int]], images: list[np.ndarray | None], config: GenerationConfig,
-                 stop: Sequence[str] = (), *, batch_size: int | None = None) -> list[Answer]:
+                 stop: Sequence[str] = (), *, batch_size: int | None = None,
+                 limits: Sequence[int] | None = None, stops: Sequence[Sequence[str]] | None = None) -> list[Answer]:
         """Answers for prompts (from `prompt_ids`; rows with an image hold its placeholders) and their
         images (float32[H, W, 3] or None per row). The batch is padded with copies of its first row to
-        `batch_size` (default: the number of prompts), rounded up to a multiple of the mesh's 'data' axis."""
+        `batch_size` (default: the number of prompts), rounded up to a multiple of the mesh's 'data' axis.
+        Per row, `limits` cut an answer to its own number of new tokens (at most config.max_new_tokens;
+        finish_reason "length") and `stops` replace `stop`, so requests with different limits and stop
+        strings share one compiled program."""
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
         if not prompts:
             return []
-        for prompt, image in zip(prompts, images):
-            self._check_row(prompt, image, config)
+        limits = list(limits) if limits is not None else [config.max_new_tokens] * len(prompts)
+        stops = list(stops) if stops is not None else [stop] * len(prompts)
+        for prompt, image, limit in zip(prompts, images, limits):
+            self._check_row(prompt, image, config, limit)
         rows = max(batch_size or 0, len(prompts))
         if self.mesh is not None:
             data = self.mesh.shape["data"]
@@ -203,9 +212,12 @@ class Engine:
                     pixels[i, 0] = image
         result = self.generator.generate(padded, pixels, config)
         answers = []
-        for prompt, tokens, reason in zip(prompts, result.tokens, result.finish_reasons):
-            text, stopped = truncate_at_stop(self.tokenizer.decode(tokens), stop)
-            used = _tokens_until_stop(self.tokenizer, tokens, stop) if stopped else len(tokens)
+        for prompt, tokens, reason, limit, row_stop in zip(prompts, result.tokens, result.finish_reasons, limits,
+                                                            stops):
+            if len(tokens) >= limit:  # an eos after the row's own limit was never reached
+                tokens, reason = tokens[:limit], "length"
+            text, stopped = truncate_at_stop(self.tokenizer.decode(tokens), row_stop)
+            used = _tokens_until_stop(self.tokenizer, tokens, row_stop) if stopped else len(tokens)
             answers.append(Answer(text.strip(), len(prompt), used, "stop" if stopped else reason))
         return answers
 
