@@ -24,8 +24,10 @@ def get_config(preset: str = "demo"):
         c.train.trainable = "projector,lora"
         c.train.lr, c.train.projector_lr = 2e-4, 2e-5
     if preset == "demo":
-        c.train.steps, c.train.batch_size, c.data.max_len = 300, 16, 256
-        c.train.lr = 1e-3
-        c.data.system = ""  # the template without LLaMA-2's 85-token system prompt: 2x less compute per record
-        c.checkpoint.every = 100
+        # 128 tokens hold the image and a record's short-answer turns, which come first (the long turns after
+        # them are cut); the template goes without LLaMA-2's 85-token system prompt.
+        c.train.steps, c.train.batch_size, c.data.max_len = 2000, 16, 128
+        c.train.lr = 2e-3
+        c.data.system = ""
+        c.checkpoint.every = 250
     return c

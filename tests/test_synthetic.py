@@ -234,6 +234,24 @@ def test_gold_answers_follow_the_scene_graph(corpus):
                 assert _gold(question.removesuffix("\n" + SHORT_ANSWER_EN), graphs[record["image"]]) == gpt["value"]
 
 
+def test_short_questions_come_first_and_cannot_be_copied(corpus):
+    """In every training record the short-answer turns open the conversation, and a colour or shape answer
+    never appears in an earlier turn (question or answer): it has to be read from the image."""
+    words = {ph.WORDS["en"][name] for name in (*ph.SHAPES, *RGB)}
+    suffix = "\n" + SHORT_ANSWER_EN
+    checked = 0
+    for record in json.loads((corpus / "vif_en.json").read_text()):
+        turns = record["conversations"]
+        short = [human["value"].endswith(suffix) for human in turns[::2]]
+        assert short == sorted(short, reverse=True), record["id"]
+        for i in range(2, len(turns), 2):
+            if short[i // 2] and turns[i + 1]["value"] in words:
+                earlier = " ".join(t["value"] for t in turns[:i]).replace(suffix, "").lower()
+                assert turns[i + 1]["value"] not in earlier.replace("?", " ").replace(".", " ").split(), record
+                checked += 1
+    assert checked > 20
+
+
 def _translate(answer: str, lang: str) -> str:
     if answer in ph.WORDS["en"]:
         return ph.WORDS[lang][answer]

@@ -16,7 +16,8 @@ captions, a held-out VQA split with gold short answers, and English + Korean pre
 What keeps the visual questions learnable: the objects of an image have distinct colours, distinct shapes
 and distinct grid cells, so every question has exactly one answer; captions name the size, colour, shape
 and position of every object in reading order; training records hold many short-answer questions of the
-held-out kinds with the same prompt suffix; and a share of training images holds one object (curriculum).
+held-out kinds with the same prompt suffix, asked before any turn whose text could give their answers away;
+and a share of training images holds one object (curriculum).
 Held-out scenes are compositions that no training image shows.
 """
 
@@ -56,19 +57,48 @@ class SynthError(ValueError):
     """Settings or an output directory that `synthesize` cannot use."""
 
 
+def _mentions(question: Question, scene: Scene) -> set[int]:
+    """Grid cells of the objects a question is about or names by colour or shape (none for count)."""
+    cells = {question.obj.cell} if question.obj else set()
+    return cells | {o.cell for o in scene.objects if o.colour == question.colour or o.shape == question.shape}
+
+
+def _unrelated(questions: list[Question], scene: Scene, most: int) -> list[Question]:
+    """Up to `most` of `questions`, in order, no two naming or asking about the same object: one record's
+    short questions then never give away each other's answers ("What shape is the red object?" before
+    "What color is the heart?"), so they can only be answered by looking at the image."""
+    kept, seen = [], set()
+    for question in questions:
+        cells = _mentions(question, scene)
+        if not cells & seen and len(kept) < most:
+            kept.append(question)
+            seen |= cells
+    return kept
+
+
 def _plan(scene: Scene, rng: random.Random) -> dict[str, list[tuple]]:
     """Language-independent turns of the four task records. A turn: ("short" | "full", Question),
-    ("describe", Obj), ("caption", prompt index), ("graph",), ("atmosphere",) or ("colours",)."""
+    ("describe", Obj), ("caption", prompt index), ("graph",), ("atmosphere",) or ("colours",).
+
+    Short-answer turns come first and are about different objects (`_unrelated`); turns whose text names
+    colours, shapes or places (full answers, descriptions, captions, scene graphs) come after them: answered
+    after such text, a short question could be copied from it instead of read from the image, and the model
+    would learn to read the text rather than look."""
     kinds = applicable_kinds(scene)
     about_objects = [k for k in ("colour", "binding_shape", "yes_no", "count", "label") if k in kinds]
-    obj_turns = [("short", make_question(k, scene, rng)) for k in rng.sample(about_objects, 3)]
+    obj_turns = [("short", q) for q in _unrelated(
+        [make_question(k, scene, rng) for k in rng.sample(about_objects, len(about_objects))], scene, 3)]
     obj_turns.append(("describe", rng.choice(scene.objects)))
-    where = [("short", make_question(k, scene, rng)) for k in rng.sample(("position", "binding_position", "shape"), 3)]
-    conversation = [("caption", rng.randrange(len(ph.CAPTION_PROMPTS["en"])))] if rng.random() < 0.3 else []
+    where = [("short", q) for q in _unrelated(
+        [make_question(k, scene, rng) for k in rng.sample(("position", "binding_position", "shape"), 3)], scene, 3)]
+    caption = [("caption", rng.randrange(len(ph.CAPTION_PROMPTS["en"])))] if rng.random() < 0.3 else []
     pool = [make_question(k, scene, rng) for k in kinds for _ in range(1 if k == "count" else len(scene.objects))]
-    picked = rng.sample(pool, min(rng.randint(4, 8) - len(conversation), len(pool)))
-    conversation += [(rng.choice(("short", "full")), q) for q in picked]
-    return {"object": obj_turns, "location": [("graph",), *where], "atmosphere": [("atmosphere",), ("colours",)],
+    picked = rng.sample(pool, min(rng.randint(4, 8) - len(caption), len(pool)))
+    styles = [rng.choice(("short", "full")) for _ in picked]
+    shorts = _unrelated([q for q, style in zip(picked, styles) if style == "short"], scene, len(picked))
+    fulls = [q for q, style in zip(picked, styles) if style == "full"]
+    conversation = [("short", q) for q in shorts] + [("full", q) for q in fulls] + caption
+    return {"object": obj_turns, "location": [*where, ("graph",)], "atmosphere": [("atmosphere",), ("colours",)],
             "conversation": conversation}
 
 

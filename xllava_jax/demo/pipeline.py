@@ -51,7 +51,7 @@ class DemoSettings:
     clip_batch: int = 128
     pretrain_steps: int = 150
     align_steps: int = 150
-    vif_steps: int = 300
+    vif_steps: int = 2000
     eval_batch: int = 32
     examples: int = 4
     seed: int = 0
@@ -111,7 +111,8 @@ class Demo:
             shutil.rmtree(self.data)  # an interrupted synthesis: start it again
         s = self.settings
         self.log("1/8 synthetic corpus")
-        synthesize(self.data, seed=s.seed, num_images=s.images, num_heldout=s.heldout, image_size=48,
+        synthesize(self.data, seed=s.seed, num_images=s.images, num_heldout=s.heldout,
+                   image_size=ModelConfig.demo().vision.image_size,
                    text_lines=s.text_lines, progress=True)
 
     def tokenizers(self) -> None:
