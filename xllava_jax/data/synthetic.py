@@ -63,14 +63,16 @@ def _mentions(question: Question, scene: Scene) -> set[int]:
     return cells | {o.cell for o in scene.objects if o.colour == question.colour or o.shape == question.shape}
 
 
-def _unrelated(questions: list[Question], scene: Scene, most: int) -> list[Question]:
-    """Up to `most` of `questions`, in order, no two naming or asking about the same object: one record's
-    short questions then never give away each other's answers ("What shape is the red object?" before
-    "What color is the heart?"), so they can only be answered by looking at the image."""
+def _unrelated(questions: list[Question], scene: Scene, most: int | None = None) -> list[Question]:
+    """Up to `most` (default all) of `questions`, in order, no two naming or asking about the same object:
+    one record's short questions then never give away each other's answers ("What shape is the red object?"
+    before "What color is the heart?"), so they can only be answered by looking at the image."""
     kept, seen = [], set()
     for question in questions:
+        if len(kept) == most:
+            break
         cells = _mentions(question, scene)
-        if not cells & seen and len(kept) < most:
+        if not cells & seen:
             kept.append(question)
             seen |= cells
     return kept
@@ -95,7 +97,7 @@ def _plan(scene: Scene, rng: random.Random) -> dict[str, list[tuple]]:
     pool = [make_question(k, scene, rng) for k in kinds for _ in range(1 if k == "count" else len(scene.objects))]
     picked = rng.sample(pool, min(rng.randint(4, 8) - len(caption), len(pool)))
     styles = [rng.choice(("short", "full")) for _ in picked]
-    shorts = _unrelated([q for q, style in zip(picked, styles) if style == "short"], scene, len(picked))
+    shorts = _unrelated([q for q, style in zip(picked, styles) if style == "short"], scene)
     fulls = [q for q, style in zip(picked, styles) if style == "full"]
     conversation = [("short", q) for q in shorts] + [("full", q) for q in fulls] + caption
     return {"object": obj_turns, "location": [*where, ("graph",)], "atmosphere": [("atmosphere",), ("colours",)],
