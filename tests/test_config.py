@@ -43,3 +43,24 @@ def test_dict_round_trip_and_bad_keys():
         TextConfig(num_heads=6, num_kv_heads=4)
     with pytest.raises(ConfigError, match="unknown model preset"):
         ModelConfig.preset("gpt5")
+
+
+def test_initializer_range_sets_every_llm_init_and_travels_through_hf_config():
+    import numpy as np
+
+    from xllava_jax.convert.formats import text_from_hf, text_to_hf
+    from xllava_jax.models.llama import Llama
+
+    for std in (0.02, 0.1):
+        cfg = TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=2,
+                         num_kv_heads=2, initializer_range=std)
+        lm = Llama(cfg, rngs=nnx.Rngs(0))
+        layer = lm.layers[0]
+        for name, w in (("embed", lm.embed_tokens.embedding), ("lm_head", lm.lm_head.kernel),
+                        ("q_proj", layer.self_attn.q_proj.kernel), ("down_proj", layer.mlp.down_proj.kernel)):
+            assert np.std(np.asarray(w[...])) == pytest.approx(std, rel=0.1), name
+        hf = text_to_hf(cfg, "float32")
+        assert hf["initializer_range"] == std
+        assert text_from_hf(hf).initializer_range == std
+    assert text_from_hf({k: v for k, v in hf.items() if k != "initializer_range"}).initializer_range == 0.02
+    assert ModelConfig.demo().text.initializer_range == 0.06

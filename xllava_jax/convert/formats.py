@@ -81,6 +81,7 @@ def text_from_hf(d: dict[str, Any]) -> TextConfig:
         bos_token_id=d.get("bos_token_id", LLAMA_DEFAULTS["bos_token_id"]),
         eos_token_id=d.get("eos_token_id", LLAMA_DEFAULTS["eos_token_id"]),
         pad_token_id=d.get("pad_token_id"),
+        initializer_range=float(d.get("initializer_range", 0.02)),
         **extra,
     )
 
@@ -101,7 +102,7 @@ def text_to_hf(t: TextConfig, dtype: str) -> dict[str, Any]:
         "rms_norm_eps": t.rms_norm_eps, "rope_parameters": rope,
         "max_position_embeddings": t.max_position_embeddings, "tie_word_embeddings": t.tie_word_embeddings,
         "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "pad_token_id": t.pad_token_id,
-        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02,
+        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": t.initializer_range,
         "pretraining_tp": 1, "use_cache": True,
     }
 

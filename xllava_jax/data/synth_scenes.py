@@ -24,6 +24,9 @@ RGB = {"red": (214, 38, 38), "orange": (245, 130, 20), "yellow": (232, 196, 0), 
        "blue": (35, 80, 215), "purple": (135, 50, 175), "brown": (125, 75, 35), "black": (25, 25, 25)}
 TONE_RGB = {"white": (246, 246, 242), "light gray": (212, 212, 212), "beige": (236, 224, 198)}
 LABELS = "ABCDEFGHJKLMNPRSTUVXYZ123456789"
+# Object radius as a share of a grid cell. At 0.26 a small shape was about 17 px across at 96 px, and the demo's
+# contrastive tower told small shapes apart only 46% of the time (linear probe; large ones 98%); at 0.34, 97%.
+RADIUS = {"small": 0.34, "large": 0.44}
 SUPERSAMPLE = 4  # shapes and labels are drawn at 4x and box-filtered down (anti-aliasing)
 MAX_OBJECTS = len(ph.SHAPES)  # one shape of each kind at most per image
 
@@ -104,7 +107,7 @@ def sample_scene(name: str, rng: random.Random, image_size: int, n: int, label_s
     objects = []
     for cell, colour, shape in zip(cells, rng.sample(list(RGB), n), rng.sample(list(ph.SHAPES), n)):
         size = rng.choice(("small", "large"))
-        radius = cell_px * (0.42 if size == "large" else 0.26)
+        radius = cell_px * RADIUS[size]
         slack = max(cell_px / 2 - radius - 1, 0.0)
         row, col = divmod(cell, 3)
         centre = ((col + 0.5) * cell_px + rng.uniform(-slack, slack),

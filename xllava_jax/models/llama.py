@@ -88,7 +88,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
 class Attention(nnx.Module):
     def __init__(self, cfg: TextConfig, dtype, param_dtype, rngs: nnx.Rngs):
         d, hd = cfg.hidden_size, cfg.dim_per_head
-        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs, init_std=cfg.initializer_range)
         self.q_proj = Dense(d, cfg.num_heads * hd, ("embed", "heads"), **kw)
         self.k_proj = Dense(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), **kw)
         self.v_proj = Dense(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), **kw)
@@ -125,7 +125,7 @@ class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, cfg: TextConfig, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs, init_std=cfg.initializer_range)
         self.gate_proj = Dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
         self.up_proj = Dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
         self.down_proj = Dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
@@ -171,11 +171,13 @@ class Llama(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype: str = "float32", param_dtype: str = "float32",
                  remat: str = "none", rngs: nnx.Rngs):
         cdt, pdt = DTYPES[dtype], DTYPES[param_dtype]
-        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=cdt, param_dtype=pdt, rngs=rngs)
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=cdt, param_dtype=pdt, rngs=rngs,
+                                  init_std=cfg.initializer_range)
         self.layers = nnx.List([DecoderLayer(cfg, cdt, pdt, rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=cdt, param_dtype=pdt, rngs=rngs)
         self.lm_head = None if cfg.tie_word_embeddings else Dense(
-            cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=cdt, param_dtype=pdt, rngs=rngs)
+            cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=cdt, param_dtype=pdt, rngs=rngs,
+            init_std=cfg.initializer_range)
         self.cfg = cfg
         self.dtype = cdt
         self.remat = remat
