@@ -15,7 +15,7 @@ from xllava_jax.config import LLAVA_IMAGE_TOKEN_INDEX, ConfigError, ModelConfig,
 LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=None, head_dim=None, rms_norm_eps=1e-6,
                       max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1,
-                      eos_token_id=2, pad_token_id=None)
+                      eos_token_id=2, pad_token_id=None, initializer_range=0.02)
 CLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                             num_channels=3, image_size=224, patch_size=32, hidden_act="quick_gelu",
                             layer_norm_eps=1e-5)
@@ -81,7 +81,7 @@ def text_from_hf(d: dict[str, Any]) -> TextConfig:
         bos_token_id=d.get("bos_token_id", LLAMA_DEFAULTS["bos_token_id"]),
         eos_token_id=d.get("eos_token_id", LLAMA_DEFAULTS["eos_token_id"]),
         pad_token_id=d.get("pad_token_id"),
-        initializer_range=float(d.get("initializer_range", 0.02)),
+        initializer_range=float(_get(d, LLAMA_DEFAULTS, "initializer_range")),
         **extra,
     )
 

@@ -92,7 +92,7 @@ def _plan(scene: Scene, rng: random.Random) -> dict[str, list[tuple]]:
         [make_question(k, scene, rng) for k in rng.sample(about_objects, len(about_objects))], scene, 3)]
     obj_turns.append(("describe", rng.choice(scene.objects)))
     where = [("short", q) for q in _unrelated(
-        [make_question(k, scene, rng) for k in rng.sample(("position", "binding_position", "shape"), 3)], scene, 3)]
+        [make_question(k, scene, rng) for k in rng.sample(("position", "binding_position", "shape"), 3)], scene)]
     caption = [("caption", rng.randrange(len(ph.CAPTION_PROMPTS["en"])))] if rng.random() < 0.3 else []
     pool = [make_question(k, scene, rng) for k in kinds for _ in range(1 if k == "count" else len(scene.objects))]
     picked = rng.sample(pool, min(rng.randint(4, 8) - len(caption), len(pool)))
