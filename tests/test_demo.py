@@ -129,13 +129,16 @@ def test_demo_smoke_runs_every_step_resumes_and_reports(tmp_path, capsys):
 def test_report_verdict_names_what_was_learned_and_the_colour_shortcut():
     def kinds(colour, count):
         return {"colour": {"accuracy": colour, "questions": 10, "majority_answer": "red", "majority_baseline": 20.0,
-                           "present_colour_shortcut": 50.0},
-                "count": {"accuracy": count, "questions": 10, "majority_answer": "2", "majority_baseline": 25.0}}
+                           "present_shortcut": 50.0},
+                "count": {"accuracy": count, "questions": 10, "majority_answer": "2", "majority_baseline": 25.0},
+                "binding_position": {"accuracy": 30.0, "questions": 10, "majority_answer": "top",
+                                     "majority_baseline": 10.0, "present_shortcut": 40.0}}
 
     scores = {lang: {"per_lang": {lang: {"kinds": kinds(*values)}}}
               for lang, values in (("en", (60.0, 80.0)), ("ko", (45.0, 40.0)))}
     lines = verdict(accuracy_rows(scores))
-    assert lines[0] == "- Learned (at least 2x the majority baseline in both languages): colour."
+    assert lines[0] == "- Learned (at least 2x the majority baseline in both languages): colour, binding_position."
     assert "- Colour, English: 60.0%, above the 50.0% of naming any colour present." in lines
     assert "- Colour, Korean: 45.0%, below the 50.0% of naming any colour present." in lines
+    assert "- Binding position, Korean: 30.0%, below the 40.0% of naming any position present." in lines
     assert lines[-1] == "- At chance (under 1.2x the majority baseline): nothing."

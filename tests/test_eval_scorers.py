@@ -262,8 +262,11 @@ def test_synth_cli_against_generated_heldout(tmp_path, capsys):
     for kind, expected in summary["heldout"]["en"].items():
         assert kinds[kind]["majority_answer"] == expected["majority_answer"]
         assert kinds[kind]["majority_baseline"] == pytest.approx(100 * expected["majority_baseline"], abs=0.01)
-    assert kinds["colour"]["present_colour_shortcut"] == pytest.approx(
-        100 * summary["heldout"]["en"]["colour"]["present_colour_shortcut"], abs=0.01)
+    for kind in ("colour", "shape", "binding_shape", "position", "binding_position"):
+        if kind in kinds:
+            assert kinds[kind]["present_shortcut"] == pytest.approx(
+                100 * summary["heldout"]["en"][kind]["present_shortcut"], abs=0.01)
+    assert "present_shortcut" not in kinds.get("count", {}) and "colour" in kinds
     per_kind = [(g["kind"], i % 2 == 0) for i, g in enumerate(gold[1:])]
     first = gold[0]["kind"]
     n_first = sum(1 for g in gold if g["kind"] == first)
@@ -272,15 +275,15 @@ def test_synth_cli_against_generated_heldout(tmp_path, capsys):
 
 
 def test_synth_baselines_by_hand(tmp_path, capsys):
-    rows = [answer("1", "red", answer="Red", kind="colour", lang="en", colours_present=["red", "red", "blue"]),
-            answer("2", "red", answer="green", kind="colour", lang="en", colours_present=["green"]),
-            answer("3", "red", answer="red", kind="colour", lang="en", colours_present=["red", "blue", "green"]),
+    rows = [answer("1", "red", answer="Red", kind="colour", lang="en", answers_present=["red", "red", "blue"]),
+            answer("2", "red", answer="green", kind="colour", lang="en", answers_present=["green"]),
+            answer("3", "red", answer="red", kind="colour", lang="en", answers_present=["red", "blue", "green"]),
             answer("4", "2", answer="2", kind="count", lang="ko")]
     code, m, _ = score(capsys, "--benchmark", "synth_vqa", "--answers", write_jsonl(tmp_path / "a.jsonl", rows))
     colour = m["per_lang"]["en"]["kinds"]["colour"]
     assert code == 0 and m["accuracy"] == 75.0 and m["per_lang"]["ko"]["accuracy"] == 100.0
     assert colour == {"accuracy": 66.67, "questions": 3, "majority_answer": "red", "majority_baseline": 66.67,
-                      "present_colour_shortcut": round(100 * (1 / 2 + 1 + 1 / 3) / 3, 2)}
+                      "present_shortcut": round(100 * (1 / 2 + 1 + 1 / 3) / 3, 2)}
 
 
 # ---- reading answers and bad input ------------------------------------------------------------------------------

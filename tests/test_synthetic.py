@@ -219,8 +219,14 @@ def test_gold_answers_follow_the_scene_graph(corpus):
         graph = graphs[line["image"]]
         question = line["text"].removesuffix("\n" + SHORT_ANSWER_EN)
         assert _gold(question, graph) == line["answer"], line
-        if line["kind"] == "colour":
-            assert sorted(line["colours_present"]) == sorted(o["colour"] for o in graph["objects"])
+        present = {"colour": [o["colour"] for o in graph["objects"]], "shape": [o["shape"] for o in graph["objects"]],
+                   "position": [o["position"] for o in graph["objects"]]}
+        key = {"binding_shape": "shape", "binding_position": "position"}.get(line["kind"], line["kind"])
+        if key in present:
+            assert sorted(line["answers_present"]) == sorted(present[key]), line
+            assert line["answer"] in line["answers_present"]
+        else:
+            assert "answers_present" not in line
         other = ko[line["question_id"][:-3]]
         assert other["kind"] == line["kind"] and other["image"] == line["image"]
         assert other["answer"] == _translate(line["answer"], "ko"), (line, other)

@@ -9,7 +9,7 @@ captions, a held-out VQA split with gold short answers, and English + Korean pre
   vif_{en,ko,zh,mixed}.json   LLaVA records with `lang`, `task` (object, location, atmosphere, conversation)
                               and `num_objects`; ids `train_NNNNNN_<task>_<lang>`
   captions_{en,ko}.json       stage-1 records: "<image>\\n" + a caption request -> the caption
-  vqa_heldout_{en,ko}.jsonl   LLaVA question lines + gold `answer` and `kind` (+ `colours_present`)
+  vqa_heldout_{en,ko}.jsonl   LLaVA question lines + gold `answer` and `kind` (+ `answers_present`)
   text_{en,ko}.txt            pretraining text, one document per line; line i is parallel across languages
   summary.json                counts, and the majority-answer baseline per held-out question kind
 
@@ -132,16 +132,27 @@ def _record(scene: Scene, ident: str, turns: list[tuple], lang: str, **extra: ob
 
 
 def _heldout_lines(scene: Scene, questions: list[Question], lang: str) -> list[dict]:
-    """LLaVA question lines with the gold short answer; colour questions list the colours present."""
+    """LLaVA question lines with the gold short answer. Colour, shape and position questions list in
+    `answers_present` the answer each object of the image would give (what naming anything present could score)."""
     lines = []
     for q in questions:
         line = {"question_id": f"{scene.name}_{q.kind}_{lang}", "image": scene.image,
                 "text": f"{ph.ask(q, scene, lang)}\n{SUFFIX[lang]}", "answer": ph.short_answer(q, scene, lang),
                 "kind": q.kind, "lang": lang}
-        if q.kind == "colour":
-            line["colours_present"] = [ph.WORDS[lang][obj.colour] for obj in scene.objects]
+        if q.kind in PRESENT_KINDS:
+            line["answers_present"] = [_present(q.kind, obj, lang) for obj in scene.objects]
         lines.append(line)
     return lines
+
+
+PRESENT_KINDS = ("colour", "shape", "binding_shape", "position", "binding_position")
+
+
+def _present(kind: str, obj, lang: str) -> str:
+    """The answer `obj` would give to a question of `kind` (its colour, shape or position word)."""
+    if kind in ("position", "binding_position"):
+        return ph.position(lang, obj.cell)
+    return ph.WORDS[lang][obj.colour if kind == "colour" else obj.shape]
 
 
 def _text_part(rng: random.Random, image_size: int) -> tuple[str, str]:
@@ -209,7 +220,8 @@ def _write_lines(path: Path, lines: list[str]) -> None:
 
 
 def _baselines(lines: list[dict]) -> dict:
-    """Per kind: question count, majority answer and its accuracy; for colour, the naming-a-present-colour shortcut."""
+    """Per kind: question count, majority answer and its accuracy; for colour, shape and position kinds also
+    the shortcut of naming anything present (the mean of 1 / number of distinct `answers_present`)."""
     out = {}
     for kind in KINDS:
         answers = Counter(line["answer"] for line in lines if line["kind"] == kind)
@@ -217,10 +229,9 @@ def _baselines(lines: list[dict]) -> dict:
             top, hits = answers.most_common(1)[0]
             out[kind] = {"questions": answers.total(), "majority_answer": top,
                          "majority_baseline": round(hits / answers.total(), 4)}
-    colour = [line for line in lines if line["kind"] == "colour"]
-    if colour:
-        shortcut = sum(1 / len(set(line["colours_present"])) for line in colour) / len(colour)
-        out["colour"]["present_colour_shortcut"] = round(shortcut, 4)
+            present = [line["answers_present"] for line in lines if line["kind"] == kind and "answers_present" in line]
+            if present:
+                out[kind]["present_shortcut"] = round(sum(1 / len(set(p)) for p in present) / len(present), 4)
     return out
 
 

@@ -38,7 +38,7 @@ def _ratio(acc: float, base: float) -> str:
 
 
 def accuracy_rows(scores: dict) -> list[dict]:
-    """One row per (language, kind): accuracy, majority baseline, ratio, colour shortcut (percent)."""
+    """One row per (language, kind): accuracy, majority baseline, ratio, name-anything-present shortcut (percent)."""
     rows = []
     for lang, metrics in scores.items():
         kinds = metrics["per_lang"][lang]["kinds"]
@@ -47,13 +47,18 @@ def accuracy_rows(scores: dict) -> list[dict]:
                 g = kinds[kind]
                 rows.append({"lang": lang, "kind": kind, "questions": g["questions"], "accuracy": g["accuracy"],
                              "majority_baseline": g["majority_baseline"], "majority_answer": g["majority_answer"],
-                             "present_colour_shortcut": g.get("present_colour_shortcut")})
+                             "present_shortcut": g.get("present_shortcut")})
     return rows
+
+
+PRESENT_WORD = {"colour": "colour", "shape": "shape", "binding_shape": "shape", "position": "position",
+                "binding_position": "position"}
 
 
 def verdict(rows: list[dict]) -> list[str]:
     """Plain sentences on what the model learned: kinds at >= 2x their majority baseline in both languages,
-    the colour score against the name-a-present-colour shortcut, and the kinds left at chance."""
+    each colour, shape and position score against the shortcut of naming anything present, and the kinds left at
+    chance."""
     kinds = [k for k in KIND_ORDER if any(r["kind"] == k for r in rows)]
 
     def ratio(kind: str) -> list[float]:
@@ -64,19 +69,20 @@ def verdict(rows: list[dict]) -> list[str]:
     chance = [k for k in kinds if max(ratio(k)) < 1.2]
     lines = [f"- Learned (at least 2x the majority baseline in both languages): {', '.join(learned) or 'nothing'}."]
     for r in rows:
-        if r["kind"] == "colour" and r["present_colour_shortcut"] is not None:
-            side = "above" if r["accuracy"] > r["present_colour_shortcut"] else "below"
-            lines.append(f"- Colour, {LANG_NAMES[r['lang']]}: {r['accuracy']:.1f}%, {side} the "
-                         f"{r['present_colour_shortcut']:.1f}% of naming any colour present.")
+        if r["present_shortcut"] is not None:
+            side = "above" if r["accuracy"] > r["present_shortcut"] else "below"
+            name = "Colour" if r["kind"] == "colour" else r["kind"].replace("_", " ").capitalize()
+            lines.append(f"- {name}, {LANG_NAMES[r['lang']]}: {r['accuracy']:.1f}%, {side} the "
+                         f"{r['present_shortcut']:.1f}% of naming any {PRESENT_WORD[r['kind']]} present.")
     lines.append(f"- At chance (under 1.2x the majority baseline): {', '.join(chance) or 'nothing'}.")
     return lines
 
 
 def _accuracy_table(rows: list[dict]) -> list[str]:
     lines = ["| language | question kind | questions | accuracy % | majority baseline % (answer) | x baseline | "
-             "name-a-present-colour % |", "|---|---|---|---|---|---|---|"]
+             "name-anything-present % |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        shortcut = "-" if r["present_colour_shortcut"] is None else f"{r['present_colour_shortcut']:.1f}"
+        shortcut = "-" if r["present_shortcut"] is None else f"{r['present_shortcut']:.1f}"
         lines.append(f"| {LANG_NAMES[r['lang']]} | {r['kind']} | {r['questions']} | {r['accuracy']:.1f} | "
                      f"{r['majority_baseline']:.1f} ({r['majority_answer']}) | "
                      f"{_ratio(r['accuracy'], r['majority_baseline'])} | {shortcut} |")
@@ -134,10 +140,10 @@ def _plot(demo: Demo, variant_dir: str, rows: list[dict], examples: list[dict], 
         ax.bar([x - 0.2 for x in xs], [r["accuracy"] for r in mine], 0.4, label="model")
         ax.bar([x + 0.2 for x in xs], [r["majority_baseline"] for r in mine], 0.4, label="majority answer")
         for x, r in zip(xs, mine):
-            if r["present_colour_shortcut"] is not None:
-                ax.plot([x - 0.4, x + 0.4], [r["present_colour_shortcut"]] * 2, "k--", lw=1)
+            if r["present_shortcut"] is not None:
+                ax.plot([x - 0.4, x + 0.4], [r["present_shortcut"]] * 2, "k--", lw=1)
         ax.set_xticks(list(xs), [r["kind"] for r in mine], rotation=30, ha="right")
-        ax.set(title=f"held-out accuracy, {LANG_NAMES[lang]} (dashed: name a colour present)", ylabel="%",
+        ax.set(title=f"held-out accuracy, {LANG_NAMES[lang]} (dashed: name anything present)", ylabel="%",
                ylim=(0, 100))
         ax.legend()
     ax = fig.add_subplot(grid[0, 2:])
@@ -175,8 +181,9 @@ def write_report(demo: Demo, result: dict) -> Path:
              "Held-out images show compositions that no training image shows.", "",
              "![report](report.png)", "", "## Held-out accuracy (exact match, greedy)", "",
              f"Overall: English {scores['en']['accuracy']:.1f}%, Korean {scores['ko']['accuracy']:.1f}%. The majority "
-             "baseline answers every question of a kind with its most common gold answer; for colour questions, "
-             "naming any colour present in the image scores the shortcut column.", "", *verdict(rows), "",
+             "baseline answers every question of a kind with its most common gold answer; for colour, shape and "
+             "position questions, naming anything present in the image (any colour present, say) scores the "
+             "shortcut column.", "", *verdict(rows), "",
              *_accuracy_table(rows), "",
              "## Vocabulary expansion", "", *_vocab_lines(stats), "", "## Examples", ""]
     for ex in examples:

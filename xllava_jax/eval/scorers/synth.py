@@ -1,12 +1,13 @@
 """synth_vqa: the project's synthetic held-out split (`xllava data synth` writes `vqa_heldout_{en,ko}.jsonl`).
 
-Question lines carry `answer` (gold short answer), `kind`, `lang` and, for colour questions, `colours_present`.
+Question lines carry `answer` (gold short answer), `kind`, `lang` and, for colour, shape and position
+questions, `answers_present` (the answer each object in the image would give).
 Gold comes from `--questions` (a held-out file, matched by question_id) when given, else from the answer
 lines (the runner copies the keys). Prediction and gold are normalised (stripped, lowercased, trailing
 '.'/'。' dropped, whitespace collapsed) and must match exactly. Besides accuracy per language and per
 (language, kind), the report gives two baselines a model could reach without looking: answering every question
-of a (language, kind) with its most common gold answer, and for colour questions naming any colour present in
-the image (the mean of 1 / number of distinct colours present).
+of a (language, kind) with its most common gold answer, and, where lines carry `answers_present`, naming anything
+present in the image (any colour present for a colour question; the mean of 1 / number of distinct answers present).
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ def _group(rows: list[tuple[Record, bool]]) -> dict:
     top, hits = gold.most_common(1)[0]
     out = {"accuracy": pct(sum(ok for _, ok in rows), len(rows)), "questions": len(rows), "majority_answer": top,
            "majority_baseline": pct(hits, len(rows))}
-    colours = [g.data["colours_present"] for g, _ in rows if g.data.get("colours_present")]
-    if colours:
-        out["present_colour_shortcut"] = pct(sum(1 / len(set(c)) for c in colours), len(colours))
+    present = [g.data["answers_present"] for g, _ in rows if g.data.get("answers_present")]
+    if present:
+        out["present_shortcut"] = pct(sum(1 / len(set(p)) for p in present), len(present))
     return out
 
 
@@ -42,9 +43,9 @@ def score(req: ScoreRequest) -> dict:
     for gold, answer in matched.pairs:
         expected = gold.require("answer", str)
         lang, kind = str(gold.require("lang", str)), str(gold.require("kind", str))
-        colours = gold.data.get("colours_present")
-        if colours is not None and not (isinstance(colours, list) and colours):
-            raise ScoreError(f"{gold.where}: `colours_present` must be a non-empty list")
+        present = gold.data.get("answers_present")
+        if present is not None and not (isinstance(present, list) and present):
+            raise ScoreError(f"{gold.where}: `answers_present` must be a non-empty list")
         missing += answer is None
         ok = answer is not None and normalise(answer.data["text"]) == normalise(expected)
         rows.setdefault(lang, {}).setdefault(kind, []).append((gold, ok))
