@@ -51,7 +51,7 @@ class DemoSettings:
     clip_batch: int = 128
     pretrain_steps: int = 150
     align_steps: int = 150
-    vif_steps: int = 2000
+    vif_steps: int = 3000
     eval_batch: int = 32
     examples: int = 4
     seed: int = 0
