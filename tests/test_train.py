@@ -96,7 +96,8 @@ def vif_overrides(corpus: dict[str, Path], **changes: object) -> dict[str, objec
             "data.corpus": f"{corpus['captions_en']},{corpus['captions_ko']}",
             "data.image_root": corpus["root"], "data.template": "plain", "data.max_len": 64,
             "train.steps": STEPS, "train.batch_size": BATCH, "checkpoint.every": EVERY, "train.lr": LR,
-            "train.projector_lr": PROJECTOR_LR, "train.warmup_ratio": WARMUP / STEPS}
+            "train.projector_lr": PROJECTOR_LR, "train.warmup_ratio": WARMUP / STEPS,
+            "train.schedule": "cosine"}
     return {**base, **{k.replace("__", "."): v for k, v in changes.items()}}
 
 
