@@ -131,6 +131,9 @@ def _record(scene: Scene, ident: str, turns: list[tuple], lang: str, **extra: ob
             "num_objects": len(scene.objects)}
 
 
+PRESENT_KINDS = ("colour", "shape", "binding_shape", "position", "binding_position")
+
+
 def _heldout_lines(scene: Scene, questions: list[Question], lang: str) -> list[dict]:
     """LLaVA question lines with the gold short answer. Colour, shape and position questions list in
     `answers_present` the answer each object of the image would give (what naming anything present could score)."""
@@ -140,19 +143,9 @@ def _heldout_lines(scene: Scene, questions: list[Question], lang: str) -> list[d
                 "text": f"{ph.ask(q, scene, lang)}\n{SUFFIX[lang]}", "answer": ph.short_answer(q, scene, lang),
                 "kind": q.kind, "lang": lang}
         if q.kind in PRESENT_KINDS:
-            line["answers_present"] = [_present(q.kind, obj, lang) for obj in scene.objects]
+            line["answers_present"] = [ph.short_answer(q._replace(obj=obj), scene, lang) for obj in scene.objects]
         lines.append(line)
     return lines
-
-
-PRESENT_KINDS = ("colour", "shape", "binding_shape", "position", "binding_position")
-
-
-def _present(kind: str, obj, lang: str) -> str:
-    """The answer `obj` would give to a question of `kind` (its colour, shape or position word)."""
-    if kind in ("position", "binding_position"):
-        return ph.position(lang, obj.cell)
-    return ph.WORDS[lang][obj.colour if kind == "colour" else obj.shape]
 
 
 def _text_part(rng: random.Random, image_size: int) -> tuple[str, str]:

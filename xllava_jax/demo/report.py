@@ -71,7 +71,7 @@ def verdict(rows: list[dict]) -> list[str]:
     for r in rows:
         if r["present_shortcut"] is not None:
             side = "above" if r["accuracy"] > r["present_shortcut"] else "below"
-            name = "Colour" if r["kind"] == "colour" else r["kind"].replace("_", " ").capitalize()
+            name = r["kind"].replace("_", " ").capitalize()
             lines.append(f"- {name}, {LANG_NAMES[r['lang']]}: {r['accuracy']:.1f}%, {side} the "
                          f"{r['present_shortcut']:.1f}% of naming any {PRESENT_WORD[r['kind']]} present.")
     lines.append(f"- At chance (under 1.2x the majority baseline): {', '.join(chance) or 'nothing'}.")
