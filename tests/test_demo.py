@@ -2,6 +2,8 @@
 
 import json
 import random
+from collections import Counter
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -13,7 +15,7 @@ from xllava_jax.cli import main as cli
 from xllava_jax.config import ConfigError, ModelConfig, VisionConfig
 from xllava_jax.data import synth_phrases as ph
 from xllava_jax.data.synth_scenes import Obj, Scene
-from xllava_jax.demo.pipeline import ABLATIONS
+from xllava_jax.demo.pipeline import ABLATIONS, FULL, Demo, DemoSettings
 from xllava_jax.demo.report import accuracy_rows, verdict
 from xllava_jax.demo.vision import hard_negatives
 from xllava_jax.models.vision import VisionTower
@@ -111,7 +113,8 @@ def test_demo_smoke_runs_every_step_resumes_and_reports(tmp_path, capsys):
     assert all(v.name in ablation for v in ABLATIONS)
     # each variant trained its own stages: no LLM pretraining where the variant drops it
     assert not (out / "no_LLM_pretraining" / "llm_pretrain").exists()
-    assert is_checkpoint(out / "full_recipe___generated_data" / "llm_pretrain" / "final")
+    for stage in ("llm_pretrain", "align", "vif_attributes", "vif_positions", "vif"):
+        assert is_checkpoint(out / "full_recipe___generated_data" / stage / "final"), stage
     vocab = json.loads((out / "shared" / "vocab_stats.json").read_text())
     ko = [r for r in vocab["results"] if r["file"].endswith("text_ko.txt")]
     assert ko[1]["tokens_per_char"] < ko[0]["tokens_per_char"]  # the expansion shortens Korean
@@ -124,6 +127,35 @@ def test_demo_smoke_runs_every_step_resumes_and_reports(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("answers.jsonl")} == stamp
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == {
         k: v for k, v in summary["accuracy"].items() if k == ABLATIONS[-1].name}
+
+
+def test_demo_vif_starts_on_short_colour_and_shape_questions_then_positions(tmp_path):
+    demo = Demo(tmp_path, DemoSettings.smoke(), log=lambda _: None)
+    demo.synth()
+    demo.tokenizers()
+    stages = ["llm_pretrain", "align", "vif_attributes", "vif_positions", "vif"]
+    assert demo.stages(FULL) == stages and demo.stages(ABLATIONS[0]) == stages[1:]
+    assert Demo(tmp_path, DemoSettings(attribute_steps=0, position_steps=0)).stages(FULL) == [
+        "llm_pretrain", "align", "vif"]
+    first, second, then = (demo.stage_config(stage, FULL, f"{stage}/init") for stage in stages[2:])
+    assert (first.init, second.init, then.init) == ("vif_attributes/init", "vif_positions/init", "vif/init")
+    assert first.train.batch_size == second.train.batch_size == 3 * then.train.batch_size
+    assert first.data.max_len == second.data.max_len < then.data.max_len
+    assert {(c.train.lr, c.train.schedule) for c in (first, second, then)} == {(5e-4, "constant")}
+    short = [r for lang in ("en", "ko")
+             for r in json.loads((demo.data / f"vif_short_{lang}.json").read_text(encoding="utf-8"))]
+    attributes, positions = (json.loads(Path(c.data.corpus).read_text(encoding="utf-8")) for c in (first, second))
+    assert attributes == [r for r in short if r["kind"] in ("colour", "binding_shape", "shape")]
+    assert positions == [r for r in short if r["kind"] not in ("count", "yes_no", "label")]
+    assert 0 < len(attributes) < len(positions) < len(short)
+    # every sample fits whole, under the expanded tokenizer and under the base one (Korean in bytes: longer)
+    assert demo._longest_sample(second) <= second.data.max_len
+    base = demo.stage_config("vif_positions", ABLATIONS[0], "a")
+    assert second.data.max_len < demo._longest_sample(base) <= base.data.max_len
+    # without the generated data: the conversation task's questions only
+    own = demo.stage_config("vif_attributes", ABLATIONS[2], "a")
+    tasks = Counter(r["task"] for r in json.loads(Path(own.data.corpus).read_text(encoding="utf-8")))
+    assert set(tasks) == {"conversation"} and 0 < tasks.total() < len(attributes)
 
 
 def test_report_verdict_names_what_was_learned_and_the_colour_shortcut():

@@ -30,7 +30,7 @@ from xllava_jax.data.vif import Problem, read_corpus, resolve_image
 
 SMALL = {"num_images": 40, "num_heldout": 10, "text_lines": 60}
 CONVERSATION_FILES = ["vif_en.json", "vif_ko.json", "vif_zh.json", "vif_mixed.json", "captions_en.json",
-                      "captions_ko.json"]
+                      "captions_ko.json", "vif_short_en.json", "vif_short_ko.json"]
 
 
 @pytest.fixture(scope="module")
@@ -238,6 +238,48 @@ def test_gold_answers_follow_the_scene_graph(corpus):
             question = human["value"].removeprefix("<image>\n")
             if question.endswith("\n" + SHORT_ANSWER_EN):
                 assert _gold(question.removesuffix("\n" + SHORT_ANSWER_EN), graphs[record["image"]]) == gpt["value"]
+
+
+def test_short_records_are_the_vif_short_questions_alone(corpus):
+    """vif_short_{lang}.json: every short-answer question of the vif records, once, alone with its image, the
+    same answer and its kind; nothing else."""
+    summary = json.loads((corpus / "summary.json").read_text())
+    graphs = _graphs(corpus)
+    by_lang = {}
+    for lang, suffix in (("en", SHORT_ANSWER_EN), ("ko", SHORT_ANSWER_KO)):
+        vif = {(r["image"], r["task"]): r for r in json.loads((corpus / f"vif_{lang}.json").read_text())}
+        records = json.loads((corpus / f"vif_short_{lang}.json").read_text())
+        assert len(records) == summary["files"][f"vif_short_{lang}.json"]
+        assert Counter(r["kind"] for r in records) == summary["vif_per_language"]["short_answer_turns"]
+        pairs = Counter()
+        for r in records:
+            (human, gpt) = r["conversations"]
+            assert r["lang"] == lang and r["id"].endswith(f"_{lang}") and human["value"].startswith("<image>\n")
+            assert human["value"].endswith("\n" + suffix)
+            turns = vif[r["image"], r["task"]]["conversations"]
+            asked = [(h["value"].removeprefix("<image>\n"), g["value"]) for h, g in zip(turns[::2], turns[1::2])]
+            assert (human["value"].removeprefix("<image>\n"), gpt["value"]) in asked, r["id"]
+            pairs[r["image"], r["task"], human["value"]] += 1
+            if lang == "en":
+                question = human["value"].removeprefix("<image>\n").removesuffix("\n" + suffix)
+                assert _gold(question, graphs[r["image"]]) == gpt["value"]
+                assert _kind(question) == r["kind"], (question, r["kind"])
+        assert max(pairs.values()) == 1
+        by_lang[lang] = records
+    assert [(r["id"][:-3], r["kind"]) for r in by_lang["en"]] == [(r["id"][:-3], r["kind"]) for r in by_lang["ko"]]
+    assert [_translate(r["conversations"][1]["value"], "ko") for r in by_lang["en"]] == [
+        r["conversations"][1]["value"] for r in by_lang["ko"]]
+
+
+def _kind(question: str) -> str:
+    """The kind of an English short question, read from its wording."""
+    for pattern, kind in ((r"What color is the \w+\?", "colour"), (r"What shape is the \w+ object\?", "binding_shape"),
+                          (r"What shape is .+\?", "shape"), (r"How many shapes .+", "count"),
+                          (r"Where is the \w+ \w+\?", "position"), (r"Where is the \w+\?", "binding_position"),
+                          (r"Is there .+", "yes_no"), (r"What is written .+", "label")):
+        if re.fullmatch(pattern, question):
+            return kind
+    raise AssertionError(question)
 
 
 def test_short_questions_come_first_and_cannot_be_copied(corpus):

@@ -9,6 +9,9 @@ captions, a held-out VQA split with gold short answers, and English + Korean pre
   vif_{en,ko,zh,mixed}.json   LLaVA records with `lang`, `task` (object, location, atmosphere, conversation)
                               and `num_objects`; ids `train_NNNNNN_<task>_<lang>`
   captions_{en,ko}.json       stage-1 records: "<image>\\n" + a caption request -> the caption
+  vif_short_{en,ko}.json      every short-answer question of the vif records alone with its image (the
+                              LLaVA-1.5 single-word VQA form), tagged with its `kind`; ids
+                              `train_NNNNNN_<task>_<k>_<lang>`: material for a curriculum's first stages
   vqa_heldout_{en,ko}.jsonl   LLaVA question lines + gold `answer` and `kind` (+ `answers_present`)
   text_{en,ko}.txt            pretraining text, one document per line; line i is parallel across languages
   summary.json                counts, and the majority-answer baseline per held-out question kind
@@ -132,6 +135,15 @@ def _record(scene: Scene, ident: str, turns: list[tuple], lang: str, **extra: ob
 
 
 PRESENT_KINDS = ("colour", "shape", "binding_shape", "position", "binding_position")
+def _short_records(scene: Scene, plan: dict[str, list[tuple]], lang: str) -> list[dict]:
+    """The plan's short-answer turns, each alone in a record with the image and tagged with its question kind:
+    the same questions and answers as in the vif records, without the turns around them."""
+    records = []
+    for task in TASKS:
+        shorts = [t for t in plan[task] if t[0] == "short"]
+        records += [_record(scene, f"{scene.name}_{task}_{k}", [turn], lang, task=task, kind=turn[1].kind)
+                    for k, turn in enumerate(shorts)]
+    return records
 
 
 def _heldout_lines(scene: Scene, questions: list[Question], lang: str) -> list[dict]:
@@ -258,7 +270,8 @@ def synthesize(out_dir: str | Path, *, seed: int = 0, num_images: int = 3000, nu
     out = Path(out_dir)
     _prepare(out, overwrite)
     files = {name: [] for name in ("scene_graphs.jsonl", *(f"vif_{lang}.json" for lang in LANGS), "captions_en.json",
-                                   "captions_ko.json", "vqa_heldout_en.jsonl", "vqa_heldout_ko.jsonl")}
+                                   "captions_ko.json", "vif_short_en.json", "vif_short_ko.json",
+                                   "vqa_heldout_en.jsonl", "vqa_heldout_ko.jsonl")}
     seen, short_kinds, objects = set(), Counter(), {"train": Counter(), "heldout": Counter()}
     with tqdm(total=num_images + num_heldout, desc="drawing", unit="img", disable=not progress) as bar:
         for split, count in (("train", num_images), ("heldout", num_heldout)):
@@ -276,6 +289,7 @@ def synthesize(out_dir: str | Path, *, seed: int = 0, num_images: int = 3000, nu
                     for lang in ("en", "ko"):
                         files[f"captions_{lang}.json"].append(
                             _record(scene, f"{scene.name}_caption", [("caption", prompt)], lang))
+                        files[f"vif_short_{lang}.json"] += _short_records(scene, plan, lang)
                 else:
                     questions = [make_question(k, scene, rng) for k in applicable_kinds(scene)]
                     for lang in ("en", "ko"):

@@ -18,9 +18,10 @@ def add_demo_parser(subparsers) -> None:
         "demo", help="run the whole X-LLaVA recipe at toy scale and report what it learned", epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Synthesise a bilingual corpus, train and expand a tokenizer, pretrain a tiny CLIP vision tower "
-                    "contrastively, train the three X-LLaVA stages (llm_pretrain, align, vif), evaluate on the "
-                    "held-out split in English and Korean, and write OUT/report/report.md + report.png. "
-                    "Finished steps are skipped, so rerunning resumes.")
+                    "contrastively, train the three X-LLaVA stages (llm_pretrain, align, vif; vif starts on short "
+                    "colour and shape questions, then adds position questions, then the four task types), "
+                    "evaluate on the held-out split in English and Korean, and write OUT/report/report.md + "
+                    "report.png. Finished steps are skipped, so rerunning resumes.")
     p.add_argument("--out", default="demo_out", help="output directory (default: %(default)s)")
     p.add_argument("--ablation", action="store_true",
                    help="also train without vocabulary expansion, without LLM pretraining and without the "

@@ -6,7 +6,9 @@
   3 vision       a tiny CLIP vision tower pretrained contrastively on the image-caption pairs, then frozen
   4 llm_pretrain the LLM on EN + KO text           (configs/llm_pretrain.py:demo)
   5 align        the projector on EN + KO captions  (configs/align.py:demo)
-  6 vif          projector + LLM on the four task types, EN + KO (configs/vif.py:demo)
+  6 vif          projector + LLM on EN + KO, in three parts (a curriculum): the colour and shape questions
+                 alone (vif_attributes), then with the position questions added (vif_positions), both as
+                 single short questions (configs/vif.py:demo_short); then the four task types (configs/vif.py:demo)
   7 eval         `xllava eval run` + `xllava eval score --benchmark synth_vqa` on the held-out split, EN and KO
   8 report       report.md + report.png: loss curves, vocabulary statistics, accuracy vs baselines, examples
 
@@ -32,6 +34,9 @@ from xllava_jax.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TASKS_GENERATED = ("object", "location", "atmosphere")  # the mvif-style tasks; "conversation" stands for LLaVA-Instruct
+# The curriculum's short-question stages: the question kinds of vif_short_{en,ko}.json each one trains on.
+SHORT_STAGES = {"vif_attributes": ("colour", "binding_shape", "shape"),
+                "vif_positions": ("colour", "binding_shape", "shape", "position", "binding_position")}
 
 
 class DemoError(UserError):
@@ -51,7 +56,9 @@ class DemoSettings:
     clip_batch: int = 128
     pretrain_steps: int = 150
     align_steps: int = 150
-    vif_steps: int = 3000
+    attribute_steps: int = 1500
+    position_steps: int = 1200
+    vif_steps: int = 1000
     eval_batch: int = 32
     examples: int = 4
     seed: int = 0
@@ -59,7 +66,8 @@ class DemoSettings:
     @classmethod
     def smoke(cls) -> DemoSettings:
         return cls(images=40, heldout=8, text_lines=200, base_vocab=400, korean_pieces=100, clip_steps=3,
-                   clip_batch=16, pretrain_steps=2, align_steps=2, vif_steps=2, eval_batch=8, examples=2)
+                   clip_batch=16, pretrain_steps=2, align_steps=2, attribute_steps=2, position_steps=2, vif_steps=2,
+                   eval_batch=8, examples=2)
 
 
 @dataclass(frozen=True)
@@ -182,28 +190,65 @@ class Demo:
         s, d = self.settings, self.data
         tok = self.expanded_tok if variant.expand_vocab else self.base_tok
         overrides = [f"tokenizer={tok}", f"seed={s.seed}", f"init={init}"]
+        config = f"{CONFIGS / stage}.py:demo"
         if stage == "llm_pretrain":
             overrides += [f"data.text={d / 'text_en.txt'},{d / 'text_ko.txt'}", f"train.steps={s.pretrain_steps}"]
         elif stage == "align":
             overrides += [f"data.corpus={d / 'captions_en.json'},{d / 'captions_ko.json'}", f"data.image_root={d}",
                           f"train.steps={s.align_steps}", f"init_vision={self.vision}"]
+        elif stage in SHORT_STAGES:
+            steps = s.attribute_steps if stage == "vif_attributes" else s.position_steps
+            config = f"{CONFIGS / 'vif'}.py:demo_short"
+            overrides += [f"data.corpus={self._vif_corpus(variant, stage)}", f"data.image_root={d}",
+                          f"train.steps={steps}"]
+        elif stage == "vif":
+            overrides += [f"data.corpus={self._vif_corpus(variant, 'vif')}", f"data.image_root={d}",
+                          f"train.steps={s.vif_steps}"]
         else:
-            corpus = self._vif_corpus(variant)
-            overrides += [f"data.corpus={corpus}", f"data.image_root={d}", f"train.steps={s.vif_steps}"]
-        return apply_overrides(load_config(f"{CONFIGS / stage}.py:demo"), overrides)
+            raise ValueError(f"unknown demo stage {stage!r}")
+        cfg = apply_overrides(load_config(config), overrides)
+        if stage in SHORT_STAGES:  # room for the longest sample under this variant's tokenizer
+            longest = self._longest_sample(cfg)
+            if longest > cfg.data.max_len:
+                cfg = apply_overrides(cfg, [f"data.max_len={-(-longest // 16) * 16}"])
+        return cfg
 
-    def _vif_corpus(self, variant: Variant) -> Path:
-        """EN + KO records of the four task types (or the conversation task alone without generated data)."""
-        name = "vif_train.json" if variant.generated_data else "vif_conversation_only.json"
+    @staticmethod
+    def _longest_sample(cfg) -> int:
+        """Tokens in the longest record of `cfg`'s corpus as the trainer encodes it (image slots included)."""
+        from xllava_jax.data.pipeline import VifSpec, encode_record, load_records
+        from xllava_jax.train.trainer import system_prompt, tokenizer_path
+
+        model = ModelConfig.demo()
+        spec = VifSpec(tokenizer=tokenizer_path(cfg), num_image_tokens=model.num_image_tokens,
+                       image_token_id=model.image_token_id, template=cfg.data.template, mode=cfg.data.mode,
+                       system=system_prompt(cfg), max_len=10**9)
+        records, _ = load_records(cfg.data.corpus.split(","))
+        return max(len(encode_record(r, spec).input_ids) for r in records)
+
+    def _vif_corpus(self, variant: Variant, stage: str) -> Path:
+        """EN + KO records for a vif stage: the four task types ("vif") or a short-question stage's kinds of
+        vif_short_{en,ko}.json; those of the conversation task alone for a variant without generated data."""
+        name = f"{stage}_train.json" if variant.generated_data else f"{stage}_conversation_only.json"
         path = self.out / "shared" / name
         if not path.exists():
             records = []
             for lang in ("en", "ko"):
-                records += json.loads((self.data / f"vif_{lang}.json").read_text(encoding="utf-8"))
+                source = "vif" if stage == "vif" else "vif_short"
+                records += json.loads((self.data / f"{source}_{lang}.json").read_text(encoding="utf-8"))
+            if stage in SHORT_STAGES:
+                records = [r for r in records if r["kind"] in SHORT_STAGES[stage]]
             if not variant.generated_data:
                 records = [r for r in records if r["task"] not in TASKS_GENERATED]
             path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
         return path
+
+    def stages(self, variant: Variant) -> list[str]:
+        """The variant's training stages in order; a short-question stage set to 0 steps is left out."""
+        s = self.settings
+        short = [stage for stage, steps in (("vif_attributes", s.attribute_steps), ("vif_positions", s.position_steps))
+                 if steps > 0]
+        return (["llm_pretrain"] if variant.llm_pretrain else []) + ["align", *short, "vif"]
 
     def train_variant(self, variant: Variant) -> Path:
         """Run the variant's stages; returns its final checkpoint."""
@@ -212,12 +257,14 @@ class Demo:
 
         root = self.out / _slug(variant)
         init = ""
-        stages = (["llm_pretrain"] if variant.llm_pretrain else []) + ["align", "vif"]
-        for number, stage in enumerate(stages, start=4 if variant.llm_pretrain else 5):
+        number = {"llm_pretrain": 4, "align": 5, "vif_attributes": 6, "vif_positions": 6, "vif": 6}
+        what = {"vif_attributes": "vif: colour and shape questions alone",
+                "vif_positions": "vif: colour, shape and position questions", "vif": "vif: the four task types"}
+        for stage in self.stages(variant):
             workdir = root / stage
             final = workdir / "final"
             if not is_checkpoint(final):
-                self.log(f"{number}/8 {stage} ({variant.name})")
+                self.log(f"{number[stage]}/8 {what.get(stage, stage)} ({variant.name})")
                 train(self.stage_config(stage, variant, init), workdir)
             init = str(final)
         return Path(init)

@@ -126,7 +126,7 @@ def _plot(demo: Demo, variant_dir: str, rows: list[dict], examples: list[dict], 
     if clip.exists():
         hist = [json.loads(line) for line in clip.read_text().splitlines()]
         ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], label="contrastive (vision tower)")
-    for stage in ("llm_pretrain", "align", "vif"):
+    for stage in ("llm_pretrain", "align", "vif_attributes", "vif_positions", "vif"):
         workdir = demo.out / variant_dir / stage
         if (workdir / "metrics.jsonl").exists():
             m = read_metrics(workdir)
