@@ -35,7 +35,7 @@ def get_config(preset: str = "demo"):
         c.checkpoint.every = 250
     if preset == "demo_short":
         # The demo's first vif stages: single short questions (data/vif_short_{en,ko}.json, under 48 tokens each),
-        # colour and shape questions alone, then with the position questions, before the mixed task records.
+        # colour and shape questions alone, then with position and yes/no questions, before the mixed task records.
         # Started on the mixed records (or on every kind of short question at once), the tiny LLM learns which
         # colours and shapes are present but not which goes with which: colour and shape answers stay at or
         # below naming anything present. Alone, at three times the batch that the short samples allow, they are

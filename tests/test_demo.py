@@ -146,7 +146,7 @@ def test_demo_vif_starts_on_short_colour_and_shape_questions_then_positions(tmp_
              for r in json.loads((demo.data / f"vif_short_{lang}.json").read_text(encoding="utf-8"))]
     attributes, positions = (json.loads(Path(c.data.corpus).read_text(encoding="utf-8")) for c in (first, second))
     assert attributes == [r for r in short if r["kind"] in ("colour", "binding_shape", "shape")]
-    assert positions == [r for r in short if r["kind"] not in ("count", "yes_no", "label")]
+    assert positions == [r for r in short if r["kind"] not in ("count", "label")]
     assert 0 < len(attributes) < len(positions) < len(short)
     # every sample fits whole, under the expanded tokenizer and under the base one (Korean in bytes: longer)
     assert demo._longest_sample(second) <= second.data.max_len

@@ -6,7 +6,7 @@ import argparse
 import json
 
 EXAMPLES = """examples:
-  xllava demo                          # everything, into demo_out/ (about 15 minutes on 2 CPU cores)
+  xllava demo                          # everything, into demo_out/ (about 18 minutes on 2 CPU cores)
   xllava demo --out runs/demo          # rerun the same command after an interruption: finished steps are skipped
   xllava demo --ablation               # also the paper's Table 2 variants (about 3x longer)
 """
@@ -19,7 +19,7 @@ def add_demo_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Synthesise a bilingual corpus, train and expand a tokenizer, pretrain a tiny CLIP vision tower "
                     "contrastively, train the three X-LLaVA stages (llm_pretrain, align, vif; vif starts on short "
-                    "colour and shape questions, then adds position questions, then the four task types), "
+                    "colour and shape questions, then adds position and yes/no questions, then the four task types), "
                     "evaluate on the held-out split in English and Korean, and write OUT/report/report.md + "
                     "report.png. Finished steps are skipped, so rerunning resumes.")
     p.add_argument("--out", default="demo_out", help="output directory (default: %(default)s)")

@@ -7,8 +7,8 @@
   4 llm_pretrain the LLM on EN + KO text           (configs/llm_pretrain.py:demo)
   5 align        the projector on EN + KO captions  (configs/align.py:demo)
   6 vif          projector + LLM on EN + KO, in three parts (a curriculum): the colour and shape questions
-                 alone (vif_attributes), then with the position questions added (vif_positions), both as
-                 single short questions (configs/vif.py:demo_short); then the four task types (configs/vif.py:demo)
+                 alone (vif_attributes), then with the position and yes/no questions added (vif_positions), both
+                 as single short questions (configs/vif.py:demo_short); then the four task types (configs/vif.py:demo)
   7 eval         `xllava eval run` + `xllava eval score --benchmark synth_vqa` on the held-out split, EN and KO
   8 report       report.md + report.png: loss curves, vocabulary statistics, accuracy vs baselines, examples
 
@@ -36,7 +36,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TASKS_GENERATED = ("object", "location", "atmosphere")  # the mvif-style tasks; "conversation" stands for LLaVA-Instruct
 # The curriculum's short-question stages: the question kinds of vif_short_{en,ko}.json each one trains on.
 SHORT_STAGES = {"vif_attributes": ("colour", "binding_shape", "shape"),
-                "vif_positions": ("colour", "binding_shape", "shape", "position", "binding_position")}
+                "vif_positions": ("colour", "binding_shape", "shape", "position", "binding_position", "yes_no")}
 
 
 class DemoError(UserError):
@@ -259,7 +259,7 @@ class Demo:
         init = ""
         number = {"llm_pretrain": 4, "align": 5, "vif_attributes": 6, "vif_positions": 6, "vif": 6}
         what = {"vif_attributes": "vif: colour and shape questions alone",
-                "vif_positions": "vif: colour, shape and position questions", "vif": "vif: the four task types"}
+                "vif_positions": "vif: colour, shape, position and yes/no questions", "vif": "vif: the four task types"}
         for stage in self.stages(variant):
             workdir = root / stage
             final = workdir / "final"
