@@ -132,6 +132,9 @@ def test_demo_smoke_runs_every_step_resumes_and_reports(tmp_path, capsys):
 def test_demo_vif_starts_on_short_colour_and_shape_questions_then_positions(tmp_path):
     demo = Demo(tmp_path, DemoSettings.smoke(), log=lambda _: None)
     demo.synth()
+    (demo.data / "vif_short_ko.json").unlink()  # a corpus synthesised before these files: made again
+    demo.synth()
+    assert (demo.data / "vif_short_ko.json").exists()
     demo.tokenizers()
     stages = ["llm_pretrain", "align", "vif_attributes", "vif_positions", "vif"]
     assert demo.stages(FULL) == stages and demo.stages(ABLATIONS[0]) == stages[1:]

@@ -113,10 +113,10 @@ class Demo:
     def synth(self) -> None:
         from xllava_jax.data.synthetic import synthesize
 
-        if (self.data / "summary.json").exists():
+        if all((self.data / name).exists() for name in ("summary.json", "vif_short_en.json", "vif_short_ko.json")):
             return
         if self.data.exists():
-            shutil.rmtree(self.data)  # an interrupted synthesis: start it again
+            shutil.rmtree(self.data)  # an interrupted synthesis, or one from before vif_short: start it again
         s = self.settings
         self.log("1/8 synthetic corpus")
         synthesize(self.data, seed=s.seed, num_images=s.images, num_heldout=s.heldout,
