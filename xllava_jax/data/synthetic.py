@@ -134,7 +134,6 @@ def _record(scene: Scene, ident: str, turns: list[tuple], lang: str, **extra: ob
             "num_objects": len(scene.objects)}
 
 
-PRESENT_KINDS = ("colour", "shape", "binding_shape", "position", "binding_position")
 def _short_records(scene: Scene, plan: dict[str, list[tuple]], lang: str) -> list[dict]:
     """The plan's short-answer turns, each alone in a record with the image and tagged with its question kind:
     the same questions and answers as in the vif records, without the turns around them."""
@@ -144,6 +143,9 @@ def _short_records(scene: Scene, plan: dict[str, list[tuple]], lang: str) -> lis
         records += [_record(scene, f"{scene.name}_{task}_{k}", [turn], lang, task=task, kind=turn[1].kind)
                     for k, turn in enumerate(shorts)]
     return records
+
+
+PRESENT_KINDS = ("colour", "shape", "binding_shape", "position", "binding_position")
 
 
 def _heldout_lines(scene: Scene, questions: list[Question], lang: str) -> list[dict]:

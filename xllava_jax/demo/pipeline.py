@@ -34,6 +34,7 @@ from xllava_jax.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TASKS_GENERATED = ("object", "location", "atmosphere")  # the mvif-style tasks; "conversation" stands for LLaVA-Instruct
+STAGES = ("llm_pretrain", "align", "vif_attributes", "vif_positions", "vif")  # every training stage, in order
 # The curriculum's short-question stages: the question kinds of vif_short_{en,ko}.json each one trains on.
 SHORT_STAGES = {"vif_attributes": ("colour", "binding_shape", "shape"),
                 "vif_positions": ("colour", "binding_shape", "shape", "position", "binding_position", "yes_no")}
@@ -189,23 +190,17 @@ class Demo:
 
         s, d = self.settings, self.data
         tok = self.expanded_tok if variant.expand_vocab else self.base_tok
-        overrides = [f"tokenizer={tok}", f"seed={s.seed}", f"init={init}"]
+        overrides = [f"tokenizer={tok}", f"seed={s.seed}", f"init={init}", f"train.steps={self._steps(stage)}"]
         config = f"{CONFIGS / stage}.py:demo"
         if stage == "llm_pretrain":
-            overrides += [f"data.text={d / 'text_en.txt'},{d / 'text_ko.txt'}", f"train.steps={s.pretrain_steps}"]
+            overrides.append(f"data.text={d / 'text_en.txt'},{d / 'text_ko.txt'}")
         elif stage == "align":
             overrides += [f"data.corpus={d / 'captions_en.json'},{d / 'captions_ko.json'}", f"data.image_root={d}",
-                          f"train.steps={s.align_steps}", f"init_vision={self.vision}"]
-        elif stage in SHORT_STAGES:
-            steps = s.attribute_steps if stage == "vif_attributes" else s.position_steps
-            config = f"{CONFIGS / 'vif'}.py:demo_short"
-            overrides += [f"data.corpus={self._vif_corpus(variant, stage)}", f"data.image_root={d}",
-                          f"train.steps={steps}"]
-        elif stage == "vif":
-            overrides += [f"data.corpus={self._vif_corpus(variant, 'vif')}", f"data.image_root={d}",
-                          f"train.steps={s.vif_steps}"]
+                          f"init_vision={self.vision}"]
         else:
-            raise ValueError(f"unknown demo stage {stage!r}")
+            if stage in SHORT_STAGES:
+                config = f"{CONFIGS / 'vif'}.py:demo_short"
+            overrides += [f"data.corpus={self._vif_corpus(variant, stage)}", f"data.image_root={d}"]
         cfg = apply_overrides(load_config(config), overrides)
         if stage in SHORT_STAGES:  # room for the longest sample under this variant's tokenizer
             longest = self._longest_sample(cfg)
@@ -232,9 +227,9 @@ class Demo:
         name = f"{stage}_train.json" if variant.generated_data else f"{stage}_conversation_only.json"
         path = self.out / "shared" / name
         if not path.exists():
+            source = "vif" if stage == "vif" else "vif_short"
             records = []
             for lang in ("en", "ko"):
-                source = "vif" if stage == "vif" else "vif_short"
                 records += json.loads((self.data / f"{source}_{lang}.json").read_text(encoding="utf-8"))
             if stage in SHORT_STAGES:
                 records = [r for r in records if r["kind"] in SHORT_STAGES[stage]]
@@ -243,12 +238,16 @@ class Demo:
             path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
         return path
 
+    def _steps(self, stage: str) -> int:
+        """The settings' step count for `stage` (one of STAGES)."""
+        s = self.settings
+        return {"llm_pretrain": s.pretrain_steps, "align": s.align_steps, "vif_attributes": s.attribute_steps,
+                "vif_positions": s.position_steps, "vif": s.vif_steps}[stage]
+
     def stages(self, variant: Variant) -> list[str]:
         """The variant's training stages in order; a short-question stage set to 0 steps is left out."""
-        s = self.settings
-        short = [stage for stage, steps in (("vif_attributes", s.attribute_steps), ("vif_positions", s.position_steps))
-                 if steps > 0]
-        return (["llm_pretrain"] if variant.llm_pretrain else []) + ["align", *short, "vif"]
+        return [stage for stage in STAGES if (stage != "llm_pretrain" or variant.llm_pretrain)
+                and (stage not in SHORT_STAGES or self._steps(stage) > 0)]
 
     def train_variant(self, variant: Variant) -> Path:
         """Run the variant's stages; returns its final checkpoint."""
@@ -257,14 +256,14 @@ class Demo:
 
         root = self.out / _slug(variant)
         init = ""
-        number = {"llm_pretrain": 4, "align": 5, "vif_attributes": 6, "vif_positions": 6, "vif": 6}
+        number = {"llm_pretrain": 4, "align": 5}  # the vif parts are all step 6
         what = {"vif_attributes": "vif: colour and shape questions alone",
                 "vif_positions": "vif: colour, shape, position and yes/no questions", "vif": "vif: the four task types"}
         for stage in self.stages(variant):
             workdir = root / stage
             final = workdir / "final"
             if not is_checkpoint(final):
-                self.log(f"{number[stage]}/8 {what.get(stage, stage)} ({variant.name})")
+                self.log(f"{number.get(stage, 6)}/8 {what.get(stage, stage)} ({variant.name})")
                 train(self.stage_config(stage, variant, init), workdir)
             init = str(final)
         return Path(init)

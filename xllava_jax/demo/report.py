@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import font_manager  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from xllava_jax.demo.pipeline import STAGES  # noqa: E402
 from xllava_jax.train.metrics import read_metrics  # noqa: E402
 
 if TYPE_CHECKING:
@@ -126,7 +127,7 @@ def _plot(demo: Demo, variant_dir: str, rows: list[dict], examples: list[dict], 
     if clip.exists():
         hist = [json.loads(line) for line in clip.read_text().splitlines()]
         ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], label="contrastive (vision tower)")
-    for stage in ("llm_pretrain", "align", "vif_attributes", "vif_positions", "vif"):
+    for stage in STAGES:
         workdir = demo.out / variant_dir / stage
         if (workdir / "metrics.jsonl").exists():
             m = read_metrics(workdir)
