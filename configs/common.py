@@ -39,6 +39,8 @@ def base(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.train.steps = 1000
     c.train.batch_size = 128         # global batch (all processes)
     c.train.grad_accum = 1
+    c.train.loss_chunk = 64          # lm_head + loss fused over supervised positions, this many per row at a
+                                     # time (0: full [B, S, V] logits, then the loss)
     c.train.lr = 2e-5
     c.train.projector_lr = -1.0      # < 0: same as lr
     c.train.warmup_ratio = 0.03

@@ -190,6 +190,13 @@ class Llama(nnx.Module):
         """Final hidden states float[B, T, D] -> logits float[B, T, V]."""
         return self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
 
+    def output_kernel(self) -> tuple[jax.Array, bool]:
+        """The output projection in the compute dtype and whether it is vocabulary-major: (lm_head
+        kernel float[D, V], False), or (the tied embedding table float[V, D], True)."""
+        if self.lm_head is None:
+            return self.embed_tokens.embedding[...].astype(self.dtype), True
+        return self.lm_head.kernel[...].astype(self.dtype), False
+
     def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
                  attention_mask: jax.Array | None = None, position_ids: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, cache: KVCache | None = None,

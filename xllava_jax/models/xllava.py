@@ -73,6 +73,15 @@ class XLlava(nnx.Module):
         return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
                                    position_ids=position_ids, segment_ids=segment_ids)
 
+    def hidden_states(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
+                      attention_mask: jax.Array | None = None, position_ids: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None) -> jax.Array:
+        """`__call__` up to the LLM's final RMSNorm: float[B, S, D] (the training loss applies the
+        output projection itself, see `models.loss.head_loss_sum`)."""
+        embeds = self.embed(input_ids, pixel_values)
+        return self.language_model.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask,
+                                                 position_ids=position_ids, segment_ids=segment_ids)
+
     def decode(self, embeds: jax.Array, cache: KVCache, cache_index, attention_mask, position_ids):
         """One cached forward step: float[B, T, D] embeddings -> (logits float[B, T, V], cache)."""
         return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,

@@ -16,29 +16,35 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from xllava_jax.models.loss import next_token_loss
+from xllava_jax.models.loss import head_loss_sum, next_token_loss
 
 Batch = dict[str, jax.Array]
 
 
-def forward_loss_sum(model, batch: Batch) -> tuple[jax.Array, jax.Array]:
+def forward_loss_sum(model, batch: Batch, loss_chunk: int = 64) -> tuple[jax.Array, jax.Array]:
     """(sum of token losses, supervised token count) of one batch.
 
     VIF batches carry pixel_values float[B, 1, S, S, 3] and attention_mask; packed text batches carry
-    segment_ids and positions instead.
+    segment_ids and positions instead. loss_chunk > 0: the lm_head and the loss run fused over the
+    supervised positions only, `loss_chunk` positions per row at a time (`head_loss_sum`); 0: full
+    logits, then `next_token_loss`.
     """
-    logits = model(batch["input_ids"], batch.get("pixel_values"), batch.get("attention_mask"),
-                   position_ids=batch.get("positions"), segment_ids=batch.get("segment_ids"))
-    loss, count = next_token_loss(logits, batch["labels"])
+    args = (batch["input_ids"], batch.get("pixel_values"), batch.get("attention_mask"))
+    kw = dict(position_ids=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+    if loss_chunk > 0:
+        kernel, vocab_major = model.language_model.output_kernel()
+        return head_loss_sum(model.hidden_states(*args, **kw), kernel, batch["labels"], chunk=loss_chunk,
+                             vocab_major=vocab_major)
+    loss, count = next_token_loss(model(*args, **kw), batch["labels"])
     return loss * count, count
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: int = 1):
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: int = 1, loss_chunk: int = 64):
     """A pure function (state, frozen, batch) -> (state, metrics); see the module docstring."""
 
     def loss_fn(params, frozen, other, batch):
         model = nnx.merge(graphdef, params, frozen, other)
-        total, count = forward_loss_sum(model, batch)
+        total, count = forward_loss_sum(model, batch, loss_chunk)
         return total, (count, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

@@ -236,7 +236,8 @@ def prepare(config, mesh) -> TrainSetup:
     state = {"params": params, "opt": opt_state, "other": other, "step": step}
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     frozen_sharding = jax.tree.map(lambda x: x.sharding, frozen)
-    step_fn = jax.jit(make_train_step(graphdef, tx, grad_accum=config.train.grad_accum),
+    step_fn = jax.jit(make_train_step(graphdef, tx, grad_accum=config.train.grad_accum,
+                                      loss_chunk=config.train.loss_chunk),
                       in_shardings=(state_sharding, frozen_sharding, None),
                       out_shardings=(state_sharding, None), donate_argnums=(0,))
     return TrainSetup(model.cfg, parts, graphdef, state, frozen, step_fn, schedules)
@@ -282,6 +283,8 @@ def train(config, workdir: str | Path) -> Path:
     if config.train.batch_size % (data_ways * config.train.grad_accum) or config.train.batch_size % jax.process_count():
         raise ConfigError(f"train.batch_size {config.train.batch_size} must divide by data x fsdp ({data_ways}) x "
                           f"grad_accum ({config.train.grad_accum}) and by the process count")
+    if config.train.loss_chunk < 0:
+        raise ConfigError(f"train.loss_chunk must be >= 0 (0: unfused loss), got {config.train.loss_chunk}")
     with jax.set_mesh(mesh):
         run = prepare(config, mesh)
         state = run.state
