@@ -32,6 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-hf", action="store_true", help="time our side only (ratios are then omitted)")
     p.add_argument("--only", choices=("train", "prefill", "decode"), action="append",
                    help="run only these measurements (repeatable; default: all)")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="keep glibc's malloc defaults (by default the process starts with the allocator settings "
+                        "the xllava commands use, xllava_jax/hostmem.py; both sides share them)")
     return p.parse_args(argv)
 
 
@@ -51,8 +54,10 @@ from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from xllava_jax.config import ModelConfig  # noqa: E402
-from xllava_jax.models.loss import IGNORE_INDEX, next_token_loss  # noqa: E402
+from xllava_jax.hostmem import tune_malloc  # noqa: E402
+from xllava_jax.models.loss import IGNORE_INDEX  # noqa: E402
 from xllava_jax.models.xllava import build_model  # noqa: E402
+from xllava_jax.train.step import forward_loss_sum  # noqa: E402
 
 try:
     from xllava_jax.infer.generate import GenerationConfig, Generator
@@ -74,15 +79,21 @@ def timed(fn, iters: int, warmup: int = 1) -> float:
     return paired({"fn": fn}, iters, warmup)["fn"]
 
 
-def paired(fns: dict, iters: int, warmup: int = 1) -> dict[str, float]:
+def paired(fns: dict, iters: int, warmup: int = 1, settle: int = 1) -> dict[str, float]:
     """Median seconds per blocking callable, timed in alternation (so that a change in the machine's
-    load during the run hits every side alike) after `warmup` calls of each."""
+    load during the run hits every side alike) after `warmup` calls of each.
+
+    Each turn starts with `settle` untimed calls: the first call after the other framework ran is
+    slower (its freed memory and caches are laid out for the other side; measured on the train step:
+    3.9 s alone, 4.0-5.7 s right after an HF step, on either side of the comparison)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
     for _ in range(iters):
         for name, fn in fns.items():
+            for _ in range(settle if len(fns) > 1 else 0):
+                fn()
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -217,8 +228,10 @@ class Ours:
 
         def train_step(trainable, opt_state, rest, ids, labels, pixels):
             def loss_fn(params):
-                logits = nnx.merge(graphdef, params, rest)(ids, pixels)
-                return next_token_loss(logits, labels)[0]
+                # The trainer's loss: lm_head + cross-entropy fused over the supervised positions.
+                total, count = forward_loss_sum(nnx.merge(graphdef, params, rest),
+                                                {"input_ids": ids, "labels": labels, "pixel_values": pixels})
+                return total / count
 
             loss, grads = jax.value_and_grad(loss_fn)(trainable)
             updates, opt_state = tx.update(grads, opt_state, trainable)
@@ -366,9 +379,10 @@ def main(args: argparse.Namespace) -> None:
     quick = args.quick
     wanted = set(args.only or ("train", "prefill", "decode"))
     cfg = ModelConfig.bench_small()
+    malloc = "system" if args.system_malloc or not tune_malloc() else "tuned"
     load = OtherLoad()
     log(f"bench_small float32 | jax {jax.__version__} on {jax.default_backend()} ({jax.device_count()} device(s), "
-        f"{os.cpu_count()} CPU cores) | XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+        f"{os.cpu_count()} CPU cores) | XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} | malloc {malloc}")
 
     peak, per_shape = matmul_flops_per_s(3 if quick else 5)
     log("XLA float32 matmul GFLOP/s: " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in per_shape.items()))
@@ -438,6 +452,7 @@ def main(args: argparse.Namespace) -> None:
     result["bandwidth_gb_s"] = round(bandwidth / 1e9, 2)
     result["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     result["threads"] = args.threads
+    result["malloc"] = malloc
     other = load.cores()
     if other is not None:
         result["other_load_cores"] = round(other, 2)

@@ -88,3 +88,31 @@ def test_bfloat16_compute_and_params():
     logits = model(ids, jnp.asarray(H.images(1)))
     assert logits.dtype == jnp.bfloat16 and bool(jnp.isfinite(logits).all())
     assert model.language_model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("kv_heads,first_slot", [(4, 0), (2, 0), (2, None), (1, 0)])
+def test_cpu_attention_value_and_gradients_match_dot_product_attention(kv_heads, first_slot):
+    from xllava_jax.models.llama import ATTENTION_BLOCK, causal_attention, causal_mask
+
+    b, t, n, h = 2, ATTENTION_BLOCK + 9, 4, 16          # two query blocks, the second one partial
+    rng = np.random.default_rng(kv_heads)
+    q = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, t, kv_heads, h)), jnp.float32) for _ in range(2))
+    d_out = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+    valid = np.ones((b, t), np.int32)
+    valid[1, :5] = 0                                    # left padding in the second row
+    mask = causal_mask(jnp.broadcast_to(jnp.arange(t)[None], (b, t)), t, jnp.asarray(valid))
+
+    def ours(q, k, v):
+        return causal_attention(q, k, v, mask, first_slot)
+
+    def reference(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+    got, got_vjp = jax.vjp(ours, q, k, v)
+    want, want_vjp = jax.vjp(reference, q, k, v)
+    rows = np.asarray(valid, bool)                      # queries at padded slots see no key: meaningless output
+    np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(want)[rows], atol=2e-6)
+    d_out = d_out * jnp.asarray(rows)[:, :, None, None]
+    for a, ref in zip(got_vjp(d_out), want_vjp(d_out)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(ref), atol=2e-5)

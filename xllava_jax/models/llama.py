@@ -8,6 +8,7 @@ Attention goes through `jax.nn.dot_product_attention` with grouped-query heads; 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ from xllava_jax.models.layers import Dense, Embed, RMSNorm, on_cpu, remat_block
 
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 # Query block length of `causal_attention`.
-ATTENTION_BLOCK = 128
+ATTENTION_BLOCK = 64
 
 
 def rope_inv_freq(cfg: TextConfig) -> np.ndarray:
@@ -57,32 +58,78 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                      first_slot: int | None) -> jax.Array:
-    """`jax.nn.dot_product_attention(q, k, v, mask=mask)`, computed block by block.
+    """`jax.nn.dot_product_attention(q, k, v, mask=mask)`, computed block by block (the CPU path).
 
     q float[B, T, N, H]; k, v float[B, S, K, H]; mask bool[B, 1, T, S], causal over slots (query t
     sits at slot first_slot + t and sees no key slot after its own). With `first_slot` known, query
-    block i (ATTENTION_BLOCK rows) only meets the keys up to its last slot; the skipped scores are
-    masked for every row of the block, so each row's softmax is unchanged (rows masked everywhere
-    aside, whose output is meaningless anyway). Returns float[B, T, N, H].
+    block i (ATTENTION_BLOCK rows, times the G query heads sharing a kv head) only meets the keys up
+    to its last slot; the skipped scores are masked for every row of the block, so each row's
+    softmax is unchanged (rows masked everywhere aside, whose output is meaningless anyway). The
+    backward pass is written out (`_attention_bwd`). Returns float[B, T, N, H].
     """
     b, t, n, h = q.shape
-    kv_heads, s = k.shape[2], k.shape[1]
+    kv_heads = k.shape[2]
     groups = n // kv_heads
     scale = np.float32(1.0 / np.sqrt(h))
-    neg = np.float32(-0.7 * np.finfo(np.float32).max)  # jax.nn.dot_product_attention's fill value
-    q = q.reshape(b, t, kv_heads, groups, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
-    outs = []
+    q = (q * scale.astype(q.dtype)).reshape(b, t, kv_heads, groups, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    out = _attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, first_slot)  # k, v: [B, K, S, H]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def _attention_blocks(t: int, s: int, first_slot: int | None):
+    """(first query row, end row, keys met) of each query block."""
     for start in range(0, t, ATTENTION_BLOCK):
         stop = min(start + ATTENTION_BLOCK, t)
-        keys = s if first_slot is None else min(s, first_slot + stop)
-        scores = jnp.einsum("bkgth,bksh->bkgts", q[:, :, :, start:stop], k[:, :, :keys],
-                            preferred_element_type=jnp.float32) * scale
-        scores = jnp.where(mask[:, :, None, start:stop, :keys], scores, neg)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        outs.append(jnp.einsum("bkgts,bksh->bkgth", probs, v[:, :, :keys]))
-    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+        yield start, stop, (s if first_slot is None else min(s, first_slot + stop))
+
+
+def _attention_pass(q, k, v, mask, first_slot):
+    """q float[B, K, G, T, H] (scaled), k, v float[B, K, S, H] -> (out float[B, K, G, T, H], the
+    probabilities of each block float[B, K, G x rows, keys])."""
+    b, kv_heads, g, t, h = q.shape
+    neg = np.float32(-0.7 * np.finfo(np.float32).max)  # jax.nn.dot_product_attention's fill value
+    outs, probs = [], []
+    for start, stop, keys in _attention_blocks(t, k.shape[2], first_slot):
+        rows = g * (stop - start)
+        scores = jnp.einsum("bkmh,bksh->bkms", q[:, :, :, start:stop].reshape(b, kv_heads, rows, h), k[:, :, :keys],
+                            preferred_element_type=jnp.float32)
+        keep = jnp.broadcast_to(mask[:, :, None, start:stop, :keys], (b, 1, g, stop - start, keys))
+        p = jax.nn.softmax(jnp.where(keep.reshape(b, 1, rows, keys), scores, neg), axis=-1).astype(v.dtype)
+        probs.append(p)
+        outs.append(jnp.einsum("bkms,bksh->bkmh", p, v[:, :, :keys]).reshape(b, kv_heads, g, stop - start, h))
+    return (outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)), probs
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, mask, first_slot):
+    return _attention_pass(q, k, v, mask, first_slot)[0]
+
+
+def _attention_fwd(q, k, v, mask, first_slot):
+    out, probs = _attention_pass(q, k, v, mask, first_slot)
+    return out, (q, k, v, out, probs)
+
+
+def _attention_bwd(first_slot, residuals, d_out):
+    """Per block: dV += P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO * O)), dQ = dS K, dK += dS^T Q;
+    masked probabilities are exact zeros, so they add nothing."""
+    q, k, v, out, probs = residuals
+    b, kv_heads, g, t, h = q.shape
+    dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    for (start, stop, keys), p in zip(_attention_blocks(t, k.shape[2], first_slot), probs):
+        rows = g * (stop - start)
+        do, qb, ob = (x[:, :, :, start:stop].reshape(b, kv_heads, rows, h) for x in (d_out, q, out))
+        dv = dv.at[:, :, :keys].add(jnp.einsum("bkms,bkmh->bksh", p, do, preferred_element_type=jnp.float32))
+        dp = jnp.einsum("bkmh,bksh->bkms", do, v[:, :, :keys], preferred_element_type=jnp.float32)
+        delta = jnp.sum(do.astype(jnp.float32) * ob.astype(jnp.float32), axis=-1, keepdims=True)
+        ds = (p * (dp - delta)).astype(q.dtype)
+        dq.append(jnp.einsum("bkms,bksh->bkmh", ds, k[:, :, :keys]).reshape(b, kv_heads, g, stop - start, h))
+        dk = dk.at[:, :, :keys].add(jnp.einsum("bkms,bkmh->bksh", ds, qb, preferred_element_type=jnp.float32))
+    dq = dq[0] if len(dq) == 1 else jnp.concatenate(dq, axis=3)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 class Attention(nnx.Module):
