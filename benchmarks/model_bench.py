@@ -32,9 +32,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-hf", action="store_true", help="time our side only (ratios are then omitted)")
     p.add_argument("--only", choices=("train", "prefill", "decode"), action="append",
                    help="run only these measurements (repeatable; default: all)")
-    p.add_argument("--system-malloc", action="store_true",
-                   help="keep glibc's malloc defaults (by default the process starts with the allocator settings "
-                        "the xllava commands use, xllava_jax/hostmem.py; both sides share them)")
     return p.parse_args(argv)
 
 
@@ -54,7 +51,6 @@ from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from xllava_jax.config import ModelConfig  # noqa: E402
-from xllava_jax.hostmem import tune_malloc  # noqa: E402
 from xllava_jax.models.loss import IGNORE_INDEX  # noqa: E402
 from xllava_jax.models.xllava import build_model  # noqa: E402
 from xllava_jax.train.step import forward_loss_sum  # noqa: E402
@@ -379,10 +375,9 @@ def main(args: argparse.Namespace) -> None:
     quick = args.quick
     wanted = set(args.only or ("train", "prefill", "decode"))
     cfg = ModelConfig.bench_small()
-    malloc = "system" if args.system_malloc or not tune_malloc() else "tuned"
     load = OtherLoad()
     log(f"bench_small float32 | jax {jax.__version__} on {jax.default_backend()} ({jax.device_count()} device(s), "
-        f"{os.cpu_count()} CPU cores) | XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} | malloc {malloc}")
+        f"{os.cpu_count()} CPU cores) | XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
 
     peak, per_shape = matmul_flops_per_s(3 if quick else 5)
     log("XLA float32 matmul GFLOP/s: " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in per_shape.items()))
@@ -452,7 +447,6 @@ def main(args: argparse.Namespace) -> None:
     result["bandwidth_gb_s"] = round(bandwidth / 1e9, 2)
     result["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     result["threads"] = args.threads
-    result["malloc"] = malloc
     other = load.cores()
     if other is not None:
         result["other_load_cores"] = round(other, 2)

@@ -30,7 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import model_bench as mb  # noqa: E402  (the HF anchor, batch maker and machine yardsticks)
 
-from xllava_jax.hostmem import tune_malloc  # noqa: E402
 from xllava_jax.train.config import apply_overrides, load_config  # noqa: E402
 from xllava_jax.train.flops import model_flops_per_step  # noqa: E402
 from xllava_jax.train.trainer import make_mesh, prepare  # noqa: E402
@@ -40,11 +39,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iters", type=int, default=6, help="timed steps per side (default 6)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
-    p.add_argument("--system-malloc", action="store_true",
-                   help="keep glibc's malloc defaults (by default the process starts with the allocator settings "
-                        "`xllava train` uses, xllava_jax/hostmem.py; both sides share them)")
     args = p.parse_args(argv)
-    malloc = "system" if args.system_malloc or not tune_malloc() else "tuned"
     load = mb.OtherLoad()
 
     config = apply_overrides(load_config(str(ROOT / "configs/vif.py:demo")), [
@@ -95,10 +90,10 @@ def main(argv=None) -> None:
     print(f"ours (xllava train step) {tokens / ours_s:8.1f} tokens/s  {ours_s * 1e3:7.1f} ms/step")
     print(f"HF + torch AdamW         {tokens / hf_s:8.1f} tokens/s  {hf_s * 1e3:7.1f} ms/step")
     print(f"speedup {hf_s / ours_s:.2f}x, MFU {mfu:.1%} of {matmul / 1e9:.1f} GFLOP/s (XLA f32 matmul here), "
-          f"peak RSS after our side {peak_rss_gb:.2f} GB; malloc {malloc}")
+          f"peak RSS after our side {peak_rss_gb:.2f} GB")
     result = {"speedup": round(hf_s / ours_s, 3), "mfu": round(mfu, 4), "peak_rss_gb": round(peak_rss_gb, 3),
               "ours_tokens_per_s": round(tokens / ours_s, 1), "hf_tokens_per_s": round(tokens / hf_s, 1),
-              "matmul_gflops": round(matmul / 1e9, 1), "malloc": malloc}
+              "matmul_gflops": round(matmul / 1e9, 1)}
     if other is not None:
         result["other_load_cores"] = round(other, 2)
         if other > 0.2:

@@ -121,10 +121,6 @@ def _run_convert(args) -> None:
     print(f"wrote {out}")
 
 
-# Commands that run jitted models: they start with the host allocator tuned for XLA:CPU (hostmem.py).
-MODEL_COMMANDS = ("train", "eval", "generate", "chat", "serve", "demo")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
@@ -140,10 +136,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from xllava_jax.tokenizer.expand import TokenizerError
     from xllava_jax.train.trainer import Preempted, TrainingError
 
-    if args.command in MODEL_COMMANDS:
-        from xllava_jax.hostmem import tune_malloc
-
-        tune_malloc()
     user_errors = (ConversionError, CheckpointError, ConfigError, FileNotFoundError, ConversationError, ImageError,
                    DataError, CorpusError, TokenizerError, TrainingError, UserError)
     try:
