@@ -84,6 +84,9 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    p.add_argument("--loss-chunk", type=int, default=64,
+                   help="train.loss_chunk: lm_head + loss fused over supervised positions, this many per row at a "
+                        "time; 0 = full logits (default 64, the trainer's default)")
     p.add_argument("--tiny", action="store_true", help="the tiny test model (checks the script on a CPU)")
     args = p.parse_args(argv)
     if args.tiny:
@@ -96,7 +99,7 @@ def main(argv=None) -> None:
     params, frozen, other = (nnx.to_pure_dict(s) for s in (params, frozen, other))
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-5))
     state = {"params": params, "opt": tx.init(params), "other": other, "step": jnp.zeros((), jnp.int32)}
-    step = jax.jit(make_train_step(graphdef, tx), donate_argnums=(0,))
+    step = jax.jit(make_train_step(graphdef, tx, loss_chunk=args.loss_chunk), donate_argnums=(0,))
     batch = make_batch(cfg, args.batch, args.seq)
     t0 = time.perf_counter()
     state, m = step(state, frozen, batch)
@@ -115,7 +118,8 @@ def main(argv=None) -> None:
     peak = peak_matmul_tflops(jnp.dtype(args.dtype), 512 if args.tiny else 8192)
     achieved = flops / step_s / 1e12
     tokens = args.batch * args.seq / step_s
-    print(f"params {params_total / 1e9:.3f}B  batch {args.batch}x{args.seq}  {args.dtype}  remat {args.remat}")
+    print(f"params {params_total / 1e9:.3f}B  batch {args.batch}x{args.seq}  {args.dtype}  remat {args.remat}  "
+          f"loss_chunk {args.loss_chunk}")
     loss = float(m["loss"])
     print(f"step {step_s * 1e3:.1f} ms (compile {compile_s:.1f} s), {tokens:,.0f} tokens/s, loss {loss:.3f}")
     print(f"model {achieved:.1f} TFLOP/s vs matmul peak {peak:.1f} TFLOP/s: MFU {achieved / peak:.1%}")
@@ -123,6 +127,7 @@ def main(argv=None) -> None:
                       "peak_tflops": round(peak, 1),
                       "tokens_per_s": round(tokens, 1), "step_s": round(step_s, 4), "params": params_total,
                       "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "remat": args.remat,
+                      "loss_chunk": args.loss_chunk,
                       "device": jax.devices()[0].device_kind}))
 
 
