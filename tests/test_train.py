@@ -498,6 +498,58 @@ def test_two_processes_match_one_process(corpus, reference, tmp_path):
     assert sorted(p.name for p in data_state.glob("process_*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
+def _launch_two_processes(corpus, workdir: Path, port: int) -> subprocess.Popen:
+    env = subprocess_env(devices=None)
+    console = Path(sys.executable).with_name("xllava")
+    if console.exists():
+        env["XLLAVA"] = str(console)
+    return subprocess.Popen(["bash", str(ROOT / "launch" / "local_multiprocess.sh"), "-n", "2", "-d", "4",
+                             "-p", str(port), "--", *cli_args(VIF, vif_overrides(corpus), workdir)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _pid_of(workdir: Path, process_id: int) -> int:
+    """The pid of the `xllava train` process with this --process-id working in `workdir`."""
+    for entry in Path("/proc").iterdir():
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"train" in args and str(workdir).encode() in args and b"--process-id" in args:
+            if args[args.index(b"--process-id") + 1] == str(process_id).encode():
+                return int(entry.name)
+    raise AssertionError(f"no xllava train process {process_id} for {workdir}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the processes through /proc")
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_then_resumes(corpus, reference, processes,
+                                                                             tmp_path):
+    workdir = tmp_path / "mp"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launcher = _launch_two_processes(corpus, workdir, port)
+    processes.append(launcher)
+    log = workdir / "process_1.log"
+    wait_for_step(launcher, workdir, EVERY + 2, log, timeout=600)
+    os.kill(_pid_of(workdir, 1), signal.SIGTERM)          # only process 1 is told to stop
+    assert launcher.wait(timeout=300) == 143, "\n".join(p.read_text()[-2000:] for p in workdir.glob("process_*.log"))
+    lines = [last_line(p.read_text()) for p in sorted(workdir.glob("process_*.log"))]
+    assert len(lines) == 2 and lines[0] == lines[1], lines   # both stopped at the same step, with one line
+    assert lines[0].startswith("xllava: stopped by signal 15 at step "), lines
+    saved = int(lines[0].split(" at step ")[1].split(";")[0])
+    assert EVERY + 2 <= saved < STEPS and saved in finished_checkpoints(workdir), (lines, finished_checkpoints(workdir))
+
+    resumed = _launch_two_processes(corpus, workdir, port)
+    processes.append(resumed)
+    assert resumed.wait(timeout=600) == 0, "\n".join(p.read_text()[-2000:] for p in workdir.glob("process_*.log"))
+    got, want = read_metrics(workdir), read_metrics(reference)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    assert [r["supervised_tokens"] for r in got] == [r["supervised_tokens"] for r in want]
+    np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------ 6. LoRA pretraining
 def test_llm_pretrain_with_lora_trains_adapters_and_writes_a_merged_model(corpus, tmp_path):
     overrides = {"model.preset": "tiny", "tokenizer": corpus["tokenizer"],

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
@@ -263,6 +264,16 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+def _agreed_signal(local: int | None) -> int | None:
+    """The stop signal as every process sees it after a step: the signal any process has received
+    (process 0's first), or None. With several processes, one that got SIGTERM must not leave the
+    others waiting in the next step's collectives: all of them save the same step and stop."""
+    if jax.process_count() == 1:
+        return local
+    got = np.ravel(multihost_utils.process_allgather(np.int32(local or 0)))
+    return next((int(sig) for sig in got if sig), None)
+
+
 def _checkpoint_manager(workdir: Path, config) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True,
                                            enable_async_checkpointing=config.checkpoint.async_save)
@@ -375,12 +386,13 @@ def _loop(config, run: TrainSetup, state, data, mesh, manager, metrics_out, bar,
             metrics_out.write(step, row)
         bar.update()
         bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        if step % config.checkpoint.every == 0 or step == config.train.steps or stop.signal:
+        signalled = _agreed_signal(stop.signal)
+        if step % config.checkpoint.every == 0 or step == config.train.steps or signalled:
             manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                        data=grain.checkpoint.CheckpointSave(data),
                                                        counters=ocp.args.JsonSave(dict(counters))))
-        if stop.signal:
+        if signalled:
             manager.wait_until_finished()
-            raise Preempted(f"stopped by signal {stop.signal} at step {step}; checkpoint saved in "
+            raise Preempted(f"stopped by signal {signalled} at step {step}; checkpoint saved in "
                             f"{workdir / 'checkpoints'}, rerun the same command to resume")
     return state, step
