@@ -505,7 +505,8 @@ def _launch_two_processes(corpus, workdir: Path, port: int) -> subprocess.Popen:
         env["XLLAVA"] = str(console)
     return subprocess.Popen(["bash", str(ROOT / "launch" / "local_multiprocess.sh"), "-n", "2", "-d", "4",
                              "-p", str(port), "--", *cli_args(VIF, vif_overrides(corpus), workdir)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # its own process group: a failed test kills both trainers
 
 
 def _pid_of(workdir: Path, process_id: int) -> int:
@@ -521,16 +522,29 @@ def _pid_of(workdir: Path, process_id: int) -> int:
     raise AssertionError(f"no xllava train process {process_id} for {workdir}")
 
 
+@pytest.fixture
+def process_groups():
+    """Launchers a test starts in their own process groups; whatever is left of a group is killed at the end."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the processes through /proc")
-def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_then_resumes(corpus, reference, processes,
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_then_resumes(corpus, reference, process_groups,
                                                                              tmp_path):
     workdir = tmp_path / "mp"
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     launcher = _launch_two_processes(corpus, workdir, port)
-    processes.append(launcher)
+    process_groups.append(launcher)
     log = workdir / "process_1.log"
     wait_for_step(launcher, workdir, EVERY + 2, log, timeout=600)
     os.kill(_pid_of(workdir, 1), signal.SIGTERM)          # only process 1 is told to stop
@@ -542,7 +556,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_then_resumes(cor
     assert EVERY + 2 <= saved < STEPS and saved in finished_checkpoints(workdir), (lines, finished_checkpoints(workdir))
 
     resumed = _launch_two_processes(corpus, workdir, port)
-    processes.append(resumed)
+    process_groups.append(resumed)
     assert resumed.wait(timeout=600) == 0, "\n".join(p.read_text()[-2000:] for p in workdir.glob("process_*.log"))
     got, want = read_metrics(workdir), read_metrics(reference)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
