@@ -256,3 +256,23 @@ def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "xllava_jax.cli", "convert", "hf2jax", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--vision-src" in out and "example" in out
+
+
+def test_damaged_checkpoint_ends_with_one_line_naming_it(tmp_path):
+    from xllava_jax import checkpoint as ckpt
+    from xllava_jax.config import ModelConfig
+    from xllava_jax.models.xllava import build_model
+
+    out = tmp_path / "ck"
+    ckpt.save_checkpoint(out, build_model(ModelConfig.tiny()))
+    data = max((p for p in (out / "params").rglob("*") if p.is_file() and p.parent.name == "d"),
+               key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[:1000])          # a data file cut short (an interrupted copy)
+    with pytest.raises(ckpt.CheckpointError, match="cannot read the parameters, the checkpoint is damaged"):
+        ckpt.load_checkpoint(out)
+    proc = subprocess.run([sys.executable, "-m", "xllava_jax.cli", "convert", "jax2hf", "--src", str(out),
+                           "--out", str(tmp_path / "hf")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    # orbax's reader threads still print their own asyncio noise around it (left for now)
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("xllava: error:")]
+    assert len(ours) == 1 and ours[0].startswith(f"xllava: error: {out}: cannot read the parameters"), ours

@@ -118,5 +118,9 @@ def load_checkpoint(path: str | Path, *, sharding=None, **overrides) -> tuple[nn
             restored = ckptr.restore(path / "params", targets)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"{path}: parameters do not fit the config ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001  (TensorStore read errors arrive as a bare Exception)
+        reason = str(e).split(" See full TensorStore details")[0].splitlines()[0][:300]
+        raise CheckpointError(f"{path}: cannot read the parameters, the checkpoint is damaged or incomplete "
+                              f"({reason})") from None
     nnx.replace_by_pure_dict(abstract, restored)
     return nnx.merge(graphdef, abstract), meta
