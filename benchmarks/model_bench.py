@@ -121,6 +121,16 @@ class OtherLoad:
         busy = (end[1] - self.start[1]) / tick
         return max(0.0, busy - (end[2] - self.start[2])) / (end[0] - self.start[0])
 
+    def record(self, result: dict) -> None:
+        """Put the load so far into `result` (as other_load_cores) and warn when it makes timings noisy."""
+        other = self.cores()
+        if other is None:
+            return
+        result["other_load_cores"] = round(other, 2)
+        if other > 0.2:
+            log(f"warning: other processes took {other:.2f} cores on average during this run; timings are "
+                "noisy (torch suffers more than XLA from a busy machine), rerun on a quiet machine")
+
 
 def make_batch(cfg: ModelConfig, batch: int, seq: int, seed: int = 0):
     """input_ids int[B, S] (bos, image placeholders, text), labels int[B, S], pixels float[B, H, W, 3]."""
@@ -447,12 +457,7 @@ def main(args: argparse.Namespace) -> None:
     result["bandwidth_gb_s"] = round(bandwidth / 1e9, 2)
     result["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     result["threads"] = args.threads
-    other = load.cores()
-    if other is not None:
-        result["other_load_cores"] = round(other, 2)
-        if other > 0.2:
-            log(f"warning: other processes took {other:.2f} cores on average during this run; timings are "
-                "noisy (torch suffers more than XLA from a busy machine), rerun on a quiet machine")
+    load.record(result)
     print(json.dumps({**speedups, **result}))
 
 

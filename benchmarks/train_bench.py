@@ -83,7 +83,6 @@ def main(argv=None) -> None:
     # Both sides timed in alternation (a change in the machine's load hits both alike).
     sec = mb.paired({"ours": ours, "hf": anchor}, args.iters, warmup=1)
     ours_s, hf_s = sec["ours"], sec["hf"]
-    other = load.cores()
     tokens = mb.BATCH * mb.SEQ
     flops = model_flops_per_step(cfg, batch, trainable_llm=True)
     mfu = flops / ours_s / matmul
@@ -94,10 +93,7 @@ def main(argv=None) -> None:
     result = {"speedup": round(hf_s / ours_s, 3), "mfu": round(mfu, 4), "peak_rss_gb": round(peak_rss_gb, 3),
               "ours_tokens_per_s": round(tokens / ours_s, 1), "hf_tokens_per_s": round(tokens / hf_s, 1),
               "matmul_gflops": round(matmul / 1e9, 1)}
-    if other is not None:
-        result["other_load_cores"] = round(other, 2)
-        if other > 0.2:
-            mb.log(f"warning: other processes took {other:.2f} cores on average during this run; timings are noisy")
+    load.record(result)
     print(json.dumps(result))
 
 

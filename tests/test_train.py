@@ -295,10 +295,15 @@ def wait_for_step(proc: subprocess.Popen, workdir: Path, step: int, log: Path, t
 
 @pytest.fixture
 def processes():
-    """Subprocesses a test starts; any still alive at the end (a failed test) are killed."""
+    """Subprocesses a test starts; any still alive at the end (a failed test) are killed, and so is what is
+    left of the process group of one started in its own session (a launcher and the trainers it started)."""
     started: list[subprocess.Popen] = []
     yield started
     for proc in started:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)   # only a session leader's pid names a process group
+        except (ProcessLookupError, PermissionError):
+            pass
         if proc.poll() is None:
             proc.kill()
             proc.wait()
@@ -506,7 +511,7 @@ def _launch_two_processes(corpus, workdir: Path, port: int) -> subprocess.Popen:
     return subprocess.Popen(["bash", str(ROOT / "launch" / "local_multiprocess.sh"), "-n", "2", "-d", "4",
                              "-p", str(port), "--", *cli_args(VIF, vif_overrides(corpus), workdir)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # its own process group: a failed test kills both trainers
+                            start_new_session=True)  # its own process group: `processes` kills both trainers
 
 
 def _pid_of(workdir: Path, process_id: int) -> int:
@@ -522,29 +527,14 @@ def _pid_of(workdir: Path, process_id: int) -> int:
     raise AssertionError(f"no xllava train process {process_id} for {workdir}")
 
 
-@pytest.fixture
-def process_groups():
-    """Launchers a test starts in their own process groups; whatever is left of a group is killed at the end."""
-    started: list[subprocess.Popen] = []
-    yield started
-    for proc in started:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the processes through /proc")
-def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_then_resumes(corpus, reference, process_groups,
-                                                                             tmp_path):
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_then_resumes(corpus, reference, processes, tmp_path):
     workdir = tmp_path / "mp"
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     launcher = _launch_two_processes(corpus, workdir, port)
-    process_groups.append(launcher)
+    processes.append(launcher)
     log = workdir / "process_1.log"
     wait_for_step(launcher, workdir, EVERY + 2, log, timeout=600)
     os.kill(_pid_of(workdir, 1), signal.SIGTERM)          # only process 1 is told to stop
@@ -556,7 +546,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_then_resumes(cor
     assert EVERY + 2 <= saved < STEPS and saved in finished_checkpoints(workdir), (lines, finished_checkpoints(workdir))
 
     resumed = _launch_two_processes(corpus, workdir, port)
-    process_groups.append(resumed)
+    processes.append(resumed)
     assert resumed.wait(timeout=600) == 0, "\n".join(p.read_text()[-2000:] for p in workdir.glob("process_*.log"))
     got, want = read_metrics(workdir), read_metrics(reference)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))

@@ -6,7 +6,7 @@ import argparse
 import json
 
 EXAMPLES = """examples:
-  xllava demo                          # everything, into demo_out/ (about 18 minutes on 2 CPU cores)
+  xllava demo                          # everything, into demo_out/ (about 17 minutes on 2 CPU cores)
   xllava demo --out runs/demo          # rerun the same command after an interruption: finished steps are skipped
   xllava demo --ablation               # also the paper's Table 2 variants (about 3x longer)
 """
