@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -353,6 +354,26 @@ def test_resume_after_sigkill_and_sigterm_matches_an_uninterrupted_run(corpus, r
     assert_same_rows(read_metrics(workdir), read_metrics(reference))
     final, ref = params_of(load_checkpoint(workdir / "final")[0]), params_of(load_checkpoint(reference / "final")[0])
     assert all(np.array_equal(final[k], ref[k]) for k in ref), f"seed {seed}: final params differ"
+
+
+def test_a_damaged_checkpoint_stops_the_resume_with_one_line_and_is_kept(corpus, reference, env, tmp_path):
+    """The latest checkpoint cut short (an interrupted copy of a workdir): rerunning names it in one
+    line, says which earlier step to resume from, and deletes nothing; orbax's in-flight reads print
+    no echoes of the failure."""
+    workdir = tmp_path / "copy"
+    shutil.copytree(reference, workdir)
+    steps = finished_checkpoints(workdir)
+    latest = workdir / "checkpoints" / str(steps[-1])
+    data = max((p for p in latest.rglob("*") if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[:1000])
+    proc = run_cli(VIF, vif_overrides(corpus), workdir, env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = last_line(proc.stderr)
+    assert line.startswith(f"xllava: error: {latest}: cannot restore this checkpoint, it is damaged or incomplete ("), \
+        line
+    assert line.endswith(f"; move it out of {latest.parent} to resume from step {steps[-2]} instead"), line
+    assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr, proc.stderr[-3000:]
+    assert finished_checkpoints(workdir) == steps and data.stat().st_size == 1000
 
 
 # ------------------------------------------------------------------------- 3. non-finite guard

@@ -7,8 +7,11 @@ and the tokenizer files, copied along so a checkpoint needs nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,48 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model."""
+
+
+# What the reads of a failed orbax restore that were still in flight report when they finish.
+_READ_ECHOES = ("Encountered error while reading array index", "Event loop is closed")
+
+
+def _is_read_echo(exc: BaseException | None) -> bool:
+    return exc is not None and any(text in str(exc) for text in _READ_ECHOES)
+
+
+class _EchoFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and _is_read_echo(record.exc_info[1]))
+
+
+@contextlib.contextmanager
+def muted_read_echoes():
+    """Around an orbax restore: when it fails on one array, its other reads keep running in
+    TensorStore's threads and, as they finish, report the same failure again (callbacks into the
+    closed event loop, coroutines finalised with the read error, asyncio's "exception was never
+    retrieved"): hundreds of lines around the one error we raise, some of them while the failure
+    is still propagating. Those reports are dropped from the start of the restore: only exceptions
+    whose text is one of `_READ_ECHOES`, anything else is reported as before. After a restore that
+    succeeded the hooks are put back; after a failure they stay, since the echoes come later too."""
+    unraisable, excepthook, echo_filter = sys.unraisablehook, sys.excepthook, _EchoFilter()
+
+    def quiet_unraisable(report):
+        if not _is_read_echo(report.exc_value):
+            unraisable(report)
+
+    def quiet_excepthook(kind, value, tb):
+        if not _is_read_echo(value):
+            excepthook(kind, value, tb)
+
+    sys.unraisablehook, sys.excepthook = quiet_unraisable, quiet_excepthook
+    logging.getLogger("asyncio").addFilter(echo_filter)
+    yield
+    if sys.unraisablehook is quiet_unraisable:
+        sys.unraisablehook = unraisable
+    if sys.excepthook is quiet_excepthook:
+        sys.excepthook = excepthook
+    logging.getLogger("asyncio").removeFilter(echo_filter)
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -114,7 +159,7 @@ def load_checkpoint(path: str | Path, *, sharding=None, **overrides) -> tuple[nn
     flat = nnx.to_flat_state(abstract)
     targets = nnx.to_pure_dict(nnx.from_flat_state([(p, v.replace(target(v))) for p, v in flat]))
     try:
-        with ocp.StandardCheckpointer() as ckptr:
+        with muted_read_echoes(), ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(path / "params", targets)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"{path}: parameters do not fit the config ({str(e).splitlines()[0]})") from None

@@ -280,6 +280,29 @@ def _checkpoint_manager(workdir: Path, config) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(workdir / "checkpoints", options=options)
 
 
+def _resume(manager: ocp.CheckpointManager, step: int, state, data):
+    """Restore (state, data iterator, counters) from checkpoint `step`; a checkpoint that does not
+    fit this run or cannot be read ends in one line naming its directory (nothing is deleted)."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    where = Path(manager.directory) / str(step)
+    earlier = [s for s in manager.all_steps() if s < step]
+    hint = (f"; move it out of {where.parent} to resume from step {max(earlier)} instead" if earlier
+            else "; move it away (or use a new --workdir) to start afresh")
+    try:
+        with ckpt.muted_read_echoes():
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data),
+                counters=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise TrainingError(f"{where}: this checkpoint does not fit the run's config "
+                            f"({str(e).splitlines()[0][:300]}){hint}") from None
+    except Exception as e:  # noqa: BLE001  (TensorStore read errors arrive as a bare Exception)
+        reason = str(e).split(" See full TensorStore details")[0].splitlines()[0][:300]
+        raise TrainingError(f"{where}: cannot restore this checkpoint, it is damaged or incomplete "
+                            f"({reason}){hint}") from None
+    return restored["state"], restored["data"], restored["counters"]
+
+
 def train(config, workdir: str | Path) -> Path:
     """Run (or resume) one stage; returns the params-only checkpoint it writes at the end."""
     if config.stage not in STAGES:
@@ -305,11 +328,7 @@ def train(config, workdir: str | Path) -> Path:
         start, counters = 0, {"skipped_records": 0, "nonfinite_steps_skipped": 0}
         if manager.latest_step() is not None:
             start = manager.latest_step()
-            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-            restored = manager.restore(start, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data),
-                counters=ocp.args.JsonRestore()))
-            state, data, counters = restored["state"], restored["data"], restored["counters"]
+            state, data, counters = _resume(manager, start, state, data)
             log.info("resumed from step %d", start)
         metrics_out = MetricsWriter(workdir, start, enabled=main)
         bar = tqdm(total=config.train.steps, initial=start, disable=not main, unit="step", desc=config.stage)
