@@ -43,6 +43,7 @@ def base(stage: str, preset: str) -> ml_collections.ConfigDict:
                                      # time (0: full [B, S, V] logits, then the loss)
     c.train.lr = 2e-5
     c.train.projector_lr = -1.0      # < 0: same as lr
+    c.train.embeddings_lr = -1.0     # input embeddings + lm_head (e.g. new vocabulary rows); < 0: same as lr
     c.train.warmup_ratio = 0.03
     c.train.schedule = "cosine"      # cosine | constant
     c.train.weight_decay = 0.0

@@ -51,7 +51,7 @@ from xllava_jax.train.trainer import (
 ROOT = Path(__file__).resolve().parents[1]
 VIF, ALIGN, PRETRAIN = (f"{ROOT}/configs/{stage}.py:demo" for stage in ("vif", "align", "llm_pretrain"))
 STEPS, EVERY, BATCH = 32, 8, 8          # the reference run: checkpoints at 8, 16, 24, 32
-LR, PROJECTOR_LR, WARMUP = 1e-3, 3e-3, 8  # warmup_ratio 0.25 of 32 steps
+LR, PROJECTOR_LR, EMBEDDINGS_LR, WARMUP = 1e-3, 3e-3, 2e-3, 8  # warmup_ratio 0.25 of 32 steps
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -97,8 +97,8 @@ def vif_overrides(corpus: dict[str, Path], **changes: object) -> dict[str, objec
             "data.corpus": f"{corpus['captions_en']},{corpus['captions_ko']}",
             "data.image_root": corpus["root"], "data.template": "plain", "data.max_len": 64,
             "train.steps": STEPS, "train.batch_size": BATCH, "checkpoint.every": EVERY, "train.lr": LR,
-            "train.projector_lr": PROJECTOR_LR, "train.warmup_ratio": WARMUP / STEPS,
-            "train.schedule": "cosine"}
+            "train.projector_lr": PROJECTOR_LR, "train.embeddings_lr": EMBEDDINGS_LR,
+            "train.warmup_ratio": WARMUP / STEPS, "train.schedule": "cosine"}
     return {**base, **{k.replace("__", "."): v for k, v in changes.items()}}
 
 
@@ -245,11 +245,12 @@ def test_learning_rates_per_group_follow_warmup_and_cosine(reference):
         return peak * 0.5 * (1 + math.cos(math.pi * (t - WARMUP) / (STEPS - WARMUP)))
 
     rows = read_metrics(reference)
-    for key, peak in (("lr_projector", PROJECTOR_LR), ("lr_llm", LR), ("lr_embeddings", LR)):
+    for key, peak in (("lr_projector", PROJECTOR_LR), ("lr_llm", LR), ("lr_embeddings", EMBEDDINGS_LR)):
         want = [expected(peak, r["step"]) for r in rows]
         np.testing.assert_allclose([r[key] for r in rows], want, rtol=1e-5, atol=1e-9 * peak, err_msg=key)
     assert max(r["lr_projector"] for r in rows) == pytest.approx(PROJECTOR_LR)
     assert max(r["lr_llm"] for r in rows) == pytest.approx(LR)
+    assert max(r["lr_embeddings"] for r in rows) == pytest.approx(EMBEDDINGS_LR)
 
 
 def test_vif_keeps_the_vision_tower_frozen(corpus, reference):

@@ -56,13 +56,14 @@ def lr_schedule(lr: float, steps: int, warmup_ratio: float, kind: str) -> optax.
 
 
 def make_optimizer(train_cfg, trainable_state) -> tuple[optax.GradientTransformation, dict[str, optax.Schedule]]:
-    """AdamW per group (projector at its own lr when set), clipped by global norm. Returns the
-    transformation and the lr schedule of each group present."""
+    """AdamW per group (the projector and the embeddings + lm_head at their own lr when set),
+    clipped by global norm. Returns the transformation and the lr schedule of each group present."""
     labels = label_tree(trainable_state)
     present = sorted(set(jax.tree.leaves(labels)))
     schedules, transforms = {}, {}
     for group in present:
-        lr = train_cfg.projector_lr if group == "projector" and train_cfg.projector_lr >= 0 else train_cfg.lr
+        own = {"projector": train_cfg.projector_lr, "embeddings": train_cfg.get("embeddings_lr", -1.0)}.get(group, -1.0)
+        lr = own if own >= 0 else train_cfg.lr
         schedules[group] = lr_schedule(lr, train_cfg.steps, train_cfg.warmup_ratio, train_cfg.schedule)
         transforms[group] = optax.adamw(schedules[group], b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
                                         weight_decay=train_cfg.weight_decay)
