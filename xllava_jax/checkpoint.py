@@ -41,6 +41,11 @@ def _is_read_echo(exc: BaseException | None) -> bool:
     return exc is not None and any(text in str(exc) for text in _READ_ECHOES)
 
 
+def read_error_reason(exc: BaseException) -> str:
+    """The first line of a TensorStore read error, without the array spec it appends."""
+    return str(exc).split(" See full TensorStore details")[0].splitlines()[0][:300]
+
+
 class _EchoFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.exc_info and _is_read_echo(record.exc_info[1]))
@@ -164,8 +169,7 @@ def load_checkpoint(path: str | Path, *, sharding=None, **overrides) -> tuple[nn
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"{path}: parameters do not fit the config ({str(e).splitlines()[0]})") from None
     except Exception as e:  # noqa: BLE001  (TensorStore read errors arrive as a bare Exception)
-        reason = str(e).split(" See full TensorStore details")[0].splitlines()[0][:300]
         raise CheckpointError(f"{path}: cannot read the parameters, the checkpoint is damaged or incomplete "
-                              f"({reason})") from None
+                              f"({read_error_reason(e)})") from None
     nnx.replace_by_pure_dict(abstract, restored)
     return nnx.merge(graphdef, abstract), meta

@@ -297,9 +297,8 @@ def _resume(manager: ocp.CheckpointManager, step: int, state, data):
         raise TrainingError(f"{where}: this checkpoint does not fit the run's config "
                             f"({str(e).splitlines()[0][:300]}){hint}") from None
     except Exception as e:  # noqa: BLE001  (TensorStore read errors arrive as a bare Exception)
-        reason = str(e).split(" See full TensorStore details")[0].splitlines()[0][:300]
         raise TrainingError(f"{where}: cannot restore this checkpoint, it is damaged or incomplete "
-                            f"({reason}){hint}") from None
+                            f"({ckpt.read_error_reason(e)}){hint}") from None
     return restored["state"], restored["data"], restored["counters"]
 
 
