@@ -90,6 +90,33 @@ def test_bfloat16_compute_and_params():
     assert model.language_model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
 
 
+def test_single_row_matmul_split_over_the_cores_gives_the_dot_and_its_gradients():
+    """The CPU matmul of one row (a batch-1 decode step) runs as row blocks of the kernel, partial
+    sums added (layers._dot_cpu): the same value and gradients as jnp.dot, in float32 and bfloat16."""
+    from xllava_jax.models import layers
+
+    rng = np.random.default_rng(0)
+    kernel = jnp.asarray(rng.standard_normal((512, 384), dtype=np.float32) * 0.05)
+    for shape in ((1, 1, 512), (512,), (2, 512), (1, 4, 512)):
+        x = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
+        want = np.asarray(x, np.float64) @ np.asarray(kernel, np.float64)
+        np.testing.assert_allclose(np.asarray(layers.matmul(x, kernel)), want, rtol=1e-5, atol=1e-4, err_msg=shape)
+        grads = jax.grad(lambda a, b: jnp.sum(jnp.sin(layers.matmul(a, b))), argnums=(0, 1))(x, kernel)
+        ref = jax.grad(lambda a, b: jnp.sum(jnp.sin(jnp.dot(a, b))), argnums=(0, 1))(x, kernel)
+        for got, exp in zip(grads, ref):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(exp), rtol=1e-4, atol=1e-4, err_msg=shape)
+    # a single row takes the split (a sum over the blocks); several rows, an odd depth, a large kernel do not
+    split = {shape: "reduce_sum" in str(jax.make_jaxpr(layers._dot_cpu)(jnp.ones(shape), jnp.ones(k)))
+             for shape, k in (((1, 1, 512), (512, 384)), ((2, 512), (512, 384)), ((1, 510), (510, 384)),
+                              ((1, 512), (512, 8192)))}
+    assert split == {(1, 1, 512): True, (2, 512): False, (1, 510): False, (1, 512): False}, split
+    x16, k16 = jnp.ones((1, 1, 512), jnp.bfloat16) * 0.5, kernel.astype(jnp.bfloat16)
+    got = layers.matmul(x16, k16)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(jnp.dot(x16, k16), np.float32), rtol=2e-2,
+                               atol=2e-2)
+
+
 @pytest.mark.parametrize("kv_heads,first_slot", [(4, 0), (2, 0), (2, None), (1, 0)])
 def test_cpu_attention_value_and_gradients_match_dot_product_attention(kv_heads, first_slot):
     from xllava_jax.models.llama import ATTENTION_BLOCK, causal_attention, causal_mask
