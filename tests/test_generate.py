@@ -156,3 +156,17 @@ def test_bucket_lengths():
     assert [G.GenerationConfig(bucket=0).bucket_length(n) for n in (1, 17, 64, 65)] == [16, 32, 64, 128]
     with pytest.raises(ValueError, match="top_p"):
         G.GenerationConfig(top_p=0.0)
+
+
+def test_greedy_tokens_equal_argmax_with_ties_and_nan():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((6, 1000)).astype(np.float32)
+    logits[1, [7, 300, 999]] = 9.0                      # ties: the first wins
+    logits[2, :] = 0.0                                  # all equal
+    logits[3, [5, 40]] = np.nan                         # the first NaN, as argmax
+    logits[4, 999] = np.inf
+    logits[5, :] = -np.inf
+    got = np.asarray(jax.jit(G.greedy_tokens)(logits))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.asarray(jax.numpy.argmax(logits, axis=-1)))
+    assert list(got[1:5]) == [7, 0, 5, 999]

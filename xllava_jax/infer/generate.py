@@ -85,6 +85,16 @@ class GenerationResult:
 
 
 # ------------------------------------------------------------------------------ pure functions
+def greedy_tokens(logits: jax.Array) -> jax.Array:
+    """`jnp.argmax(logits, axis=-1)` as int32[B] (the first maximum; the first NaN where a row has
+    one), computed as a max and a min over the indices that reach it: two plain reductions, where
+    XLA:CPU runs argmax's (value, index) reduction unvectorised (175 vs 29 us over 39,479 logits,
+    about 2% of a bench_small decode step)."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where((logits == top) | jnp.isnan(logits), index, logits.shape[-1]), axis=-1)
+
+
 def sample_tokens(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     """Pick the next token per row: float[B, V] -> int32[B]. Greedy when the temperature is 0."""
     temperature, top_k, top_p = sampling
@@ -101,7 +111,7 @@ def sample_tokens(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.
         allowed = (scaled >= kth) & (scaled >= cutoff)
         return jax.random.categorical(key, jnp.where(allowed, scaled, -jnp.inf)).astype(jnp.int32)
 
-    return jax.lax.cond(temperature > 0, draw, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    return jax.lax.cond(temperature > 0, draw, lambda: greedy_tokens(logits))
 
 
 def _prefill(model: XLlava, input_ids: jax.Array, prompt_mask: jax.Array, pixel_values: jax.Array | None,
