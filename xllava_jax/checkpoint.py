@@ -41,11 +41,6 @@ def _is_read_echo(exc: BaseException | None) -> bool:
     return exc is not None and any(text in str(exc) for text in _READ_ECHOES)
 
 
-def read_error_reason(exc: BaseException) -> str:
-    """The first line of a TensorStore read error, without the array spec it appends."""
-    return str(exc).split(" See full TensorStore details")[0].splitlines()[0][:300]
-
-
 class _EchoFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.exc_info and _is_read_echo(record.exc_info[1]))
@@ -78,6 +73,22 @@ def muted_read_echoes():
     if sys.excepthook is quiet_excepthook:
         sys.excepthook = excepthook
     logging.getLogger("asyncio").removeFilter(echo_filter)
+
+
+@contextlib.contextmanager
+def restore_errors(error: type[Exception], misfit: str, damaged: str, suffix: str = ""):
+    """Around an orbax restore: its read echoes muted (`muted_read_echoes`), and a failure raised as
+    one line: `error(f"{misfit} (reason){suffix}")` for a target that does not fit what is stored
+    (ValueError, KeyError, FileNotFoundError), `error(f"{damaged} (reason){suffix}")` for anything
+    else (TensorStore's read errors arrive as a bare Exception; its array spec is dropped)."""
+    try:
+        with muted_read_echoes():
+            yield
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise error(f"{misfit} ({str(e).splitlines()[0][:300]}){suffix}") from None
+    except Exception as e:  # noqa: BLE001
+        reason = str(e).split(" See full TensorStore details")[0].splitlines()[0][:300]
+        raise error(f"{damaged} ({reason}){suffix}") from None
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -163,13 +174,9 @@ def load_checkpoint(path: str | Path, *, sharding=None, **overrides) -> tuple[nn
 
     flat = nnx.to_flat_state(abstract)
     targets = nnx.to_pure_dict(nnx.from_flat_state([(p, v.replace(target(v))) for p, v in flat]))
-    try:
-        with muted_read_echoes(), ocp.StandardCheckpointer() as ckptr:
-            restored = ckptr.restore(path / "params", targets)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise CheckpointError(f"{path}: parameters do not fit the config ({str(e).splitlines()[0]})") from None
-    except Exception as e:  # noqa: BLE001  (TensorStore read errors arrive as a bare Exception)
-        raise CheckpointError(f"{path}: cannot read the parameters, the checkpoint is damaged or incomplete "
-                              f"({read_error_reason(e)})") from None
+    with (restore_errors(CheckpointError, f"{path}: parameters do not fit the config",
+                         f"{path}: cannot read the parameters, the checkpoint is damaged or incomplete"),
+          ocp.StandardCheckpointer() as ckptr):
+        restored = ckptr.restore(path / "params", targets)
     nnx.replace_by_pure_dict(abstract, restored)
     return nnx.merge(graphdef, abstract), meta

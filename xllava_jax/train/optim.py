@@ -62,7 +62,7 @@ def make_optimizer(train_cfg, trainable_state) -> tuple[optax.GradientTransforma
     present = sorted(set(jax.tree.leaves(labels)))
     schedules, transforms = {}, {}
     for group in present:
-        own = {"projector": train_cfg.projector_lr, "embeddings": train_cfg.get("embeddings_lr", -1.0)}.get(group, -1.0)
+        own = {"projector": train_cfg.projector_lr, "embeddings": train_cfg.embeddings_lr}.get(group, -1.0)
         lr = own if own >= 0 else train_cfg.lr
         schedules[group] = lr_schedule(lr, train_cfg.steps, train_cfg.warmup_ratio, train_cfg.schedule)
         transforms[group] = optax.adamw(schedules[group], b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,

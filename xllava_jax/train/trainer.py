@@ -288,17 +288,11 @@ def _resume(manager: ocp.CheckpointManager, step: int, state, data):
     earlier = [s for s in manager.all_steps() if s < step]
     hint = (f"; move it out of {where.parent} to resume from step {max(earlier)} instead" if earlier
             else "; move it away (or use a new --workdir) to start afresh")
-    try:
-        with ckpt.muted_read_echoes():
-            restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data),
-                counters=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise TrainingError(f"{where}: this checkpoint does not fit the run's config "
-                            f"({str(e).splitlines()[0][:300]}){hint}") from None
-    except Exception as e:  # noqa: BLE001  (TensorStore read errors arrive as a bare Exception)
-        raise TrainingError(f"{where}: cannot restore this checkpoint, it is damaged or incomplete "
-                            f"({ckpt.read_error_reason(e)}){hint}") from None
+    with ckpt.restore_errors(TrainingError, f"{where}: this checkpoint does not fit the run's config",
+                             f"{where}: cannot restore this checkpoint, it is damaged or incomplete", hint):
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data),
+            counters=ocp.args.JsonRestore()))
     return restored["state"], restored["data"], restored["counters"]
 
 
