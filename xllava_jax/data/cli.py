@@ -1,4 +1,4 @@
-"""`xllava data ...`: check, show, build (and synth) VIF corpora."""
+"""`xllava data ...`: check, show, stats, build (and synth) VIF corpora."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   xllava data show --corpus vif.jsonl --tokenizer ckpt/xllava --template llava_llama_2 --limit 2
   xllava data show --corpus vif.jsonl --tokenizer tokenizer.model --template vicuna_v1 --mode llava --json
   xllava data build --corpus vif.jsonl --image-root images --tokenizer tokenizer.model --out built/
+  xllava data stats --corpus llava_v1_5_mix665k.json --tokenizer ckpt/xllava --pack --max-len 2048
 """
 
 
@@ -33,7 +34,7 @@ def _encoding(p: argparse.ArgumentParser) -> None:
 
 
 def add_data_parser(sub) -> argparse.ArgumentParser:
-    data = sub.add_parser("data", help="check, show and build VIF corpora", epilog=EXAMPLES,
+    data = sub.add_parser("data", help="check, show, measure and build VIF corpora", epilog=EXAMPLES,
                           formatter_class=argparse.RawDescriptionHelpFormatter,
                           description="Work with visual-instruction corpora in LLaVA's conversation format.")
     steps = data.add_subparsers(dest="data_command", required=True)
@@ -52,6 +53,22 @@ def add_data_parser(sub) -> argparse.ArgumentParser:
     _encoding(show)
     show.add_argument("--json", action="store_true", help="one JSON object per record")
     show.add_argument("--limit", type=int, help="show only the first N records")
+    stats = steps.add_parser("stats", help="token lengths, and the padding of rows padded or packed", epilog=EXAMPLES,
+                             formatter_class=argparse.RawDescriptionHelpFormatter,
+                             description="The token-length distribution (image + text) of the records, the pad "
+                                         "fraction of rows of --max-len holding one record each and, with --pack, "
+                                         "of packed rows (as `data.pack` trains), and rows per 1,000 records.")
+    stats.add_argument("--corpus", required=True, nargs="+", help="LLaVA-format JSON or JSONL file(s)")
+    _encoding(stats)
+    stats.add_argument("--max-len", type=int, default=2048, help="row length in tokens (default: %(default)s)")
+    stats.add_argument("--overflow", default="truncate", choices=("truncate", "drop"),
+                       help="records over --max-len: cut, or left out (default: %(default)s)")
+    stats.add_argument("--pack", action="store_true", help="also pack the records as data.pack=true does")
+    stats.add_argument("--images-per-row", type=int, default=0,
+                       help="image slots of a packed row (default 0: max_len // (image tokens + 64))")
+    stats.add_argument("--window", type=int, default=128, help="records packed together (default: %(default)s)")
+    stats.add_argument("--seed", type=int, default=0, help="the shuffle that orders the records (default: 0)")
+    stats.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     build = steps.add_parser("build", help="tokenise into ArrayRecord shards or a TFDS dataset", epilog=EXAMPLES,
                              formatter_class=argparse.RawDescriptionHelpFormatter,
                              description="Write usable records as ArrayRecord shards (tokenised, image bytes "
@@ -136,6 +153,18 @@ def run_data(args) -> int:
                 print(json.dumps({"id": record["id"], "input_ids": enc.input_ids, "labels": enc.labels}))
             else:
                 print(_show_text(tok, record, enc, spec.image_token_id))
+        return 0
+    if args.data_command == "stats":
+        from xllava_jax.data.stats import corpus_stats, format_stats
+
+        spec = pipeline.VifSpec(**_spec_kwargs(args), max_len=args.max_len, overflow=args.overflow, pack=args.pack,
+                                images_per_row=args.images_per_row, pack_window=args.window)
+        records, problems = pipeline.load_records(args.corpus)
+        stats, left_out = corpus_stats(records, spec, seed=args.seed, progress=sys.stderr.isatty())
+        for p in [str(p) for p in problems] + left_out:
+            print(f"skipped {p}", file=sys.stderr)
+        stats["problems"] = len(problems)
+        print(json.dumps(stats) if args.json else format_stats(stats))
         return 0
     from xllava_jax.data import build
 

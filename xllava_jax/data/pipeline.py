@@ -3,10 +3,13 @@
 Order: source (JSON/JSONL records, or ArrayRecord shards from `xllava data build`) -> global seeded
 shuffle (reshuffled each epoch) -> this process's share -> encode (frozen-dataclass transform) ->
 batch -> multiprocess prefetch. Every element has the same shapes, so a training step compiles once.
+With `pack` the encoded conversations are packed several to a row (`data.packing.PackVif`) before
+batching, instead of one per row padded to `max_len`.
 
 Bad records never vanish: those the reader rejects are counted and logged before training starts;
 those whose image turns out unusable at load time (or that are too long, with `overflow="drop"`)
-stay in the batch as `skipped=1` with every label ignored, logged with their file, line and reason.
+stay in the batch as `skipped=1` with every label ignored (packed: they take no room and are counted
+in a row's `skipped`), logged with their file, line and reason.
 `strict=True` stops at the first bad record instead.
 """
 
@@ -23,6 +26,7 @@ import numpy as np
 
 from xllava_jax.data import conversation as conv
 from xllava_jax.data.images import ImageConfig, ImageError, preprocess
+from xllava_jax.data.packing import PackVif, default_images_per_row
 from xllava_jax.data.tokenizer import tokenizer_for
 from xllava_jax.data.vif import Problem, image_problem, read_corpus, resolve_image
 from xllava_jax.models.loss import IGNORE_INDEX
@@ -51,6 +55,9 @@ class VifSpec:
     overflow: str = "truncate"
     system: str | None = None
     strict: bool = False
+    pack: bool = False          # several conversations per row (segment ids, positions, image slots)
+    images_per_row: int = 0     # packed rows' image slots (0: max_len // (num_image_tokens + 64))
+    pack_window: int = 128      # examples packed together (first-fit decreasing); each holds its pixels
 
     def __post_init__(self):
         if self.overflow not in OVERFLOW:
@@ -62,6 +69,16 @@ class VifSpec:
         if self.max_len <= self.num_image_tokens + 1:
             raise DataError(f"max_len {self.max_len} leaves no room for text after {self.num_image_tokens} "
                             "image tokens")
+        if self.images_per_row < 0 or self.pack_window < 1:
+            raise DataError(f"images_per_row must be >= 0 (0: automatic) and pack_window >= 1, got "
+                            f"{self.images_per_row} and {self.pack_window}")
+
+    @property
+    def image_slots(self) -> int:
+        """Images per row: 1 unpacked; `images_per_row` (or its default) packed."""
+        if not self.pack:
+            return 1
+        return self.images_per_row or default_images_per_row(self.max_len, self.num_image_tokens)
 
 
 def encode_record(record: dict, spec: VifSpec) -> conv.Encoded:
@@ -88,6 +105,16 @@ def fit_length(ids: list[int], labels: list[int], spec: VifSpec) -> tuple[list[i
 
 
 def _example(ids, labels, pixels, spec: VifSpec, skipped: bool, truncated: bool) -> dict[str, np.ndarray]:
+    """One record as a row padded to max_len (see `vif_dataset`), or with `pack` as a variable-length
+    example for `PackVif`: input_ids, labels int32[n], pixel_values float32[k, S, S, 3] (k: the images
+    its placeholders stand for), skipped, truncated; a skipped record keeps no tokens."""
+    if spec.pack:
+        if skipped:
+            ids = labels = []
+        images = sum(t == spec.image_token_id for t in ids) // spec.num_image_tokens
+        return {"input_ids": np.asarray(ids, np.int32), "labels": np.asarray(labels, np.int32),
+                "pixel_values": np.broadcast_to(pixels, (images,) + pixels.shape),
+                "skipped": np.int32(skipped), "truncated": np.int32(truncated)}
     n = len(ids)
     pad = spec.max_len - n
     tok = tokenizer_for(spec.tokenizer)
@@ -178,6 +205,17 @@ def unpack_built(raw: bytes) -> tuple[dict, bytes]:
     return json.loads(raw[4: 4 + n]), raw[4 + n:]
 
 
+def batch_shapes(spec: VifSpec, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of each array of a `vif_dataset` batch (e.g. for compiling the step ahead of data)."""
+    b, s, size = batch_size, spec.max_len, spec.image_size
+    shapes = {"input_ids": ((b, s), np.int32), "labels": ((b, s), np.int32), "attention_mask": ((b, s), np.int32),
+              "pixel_values": ((b, spec.image_slots, size, size, 3), np.float32), "skipped": ((b,), np.int32),
+              "truncated": ((b,), np.int32)}
+    if spec.pack:
+        shapes.update(segment_ids=((b, s), np.int32), positions=((b, s), np.int32))
+    return {k: (shape, np.dtype(dtype)) for k, (shape, dtype) in shapes.items()}
+
+
 def load_records(paths: list[str | Path], strict: bool = False) -> tuple[list[dict], list[Problem]]:
     """Usable records (as picklable dicts) of several corpora, and the problems met reading them."""
     records, problems = [], []
@@ -203,17 +241,25 @@ def vif_dataset(source, spec: VifSpec, *, batch_size: int, seed: int = 0, num_ep
     `build.tfds_records` dataset) or, with built=True, a grain data source of `pack_built` payloads
     (`build.array_record_source`).
 
-    Each batch: input_ids, labels, attention_mask int32[B, L]; pixel_values float32[B, 1, S, S, 3];
-    skipped, truncated int32[B]. Processes read disjoint shares of each (reshuffled) epoch.
+    Each batch: input_ids, labels, attention_mask int32[B, L]; pixel_values float32[B, M, S, S, 3];
+    skipped, truncated int32[B] (records of each row); with `spec.pack` also segment_ids and
+    positions int32[B, L] (see `batch_shapes`). Processes read disjoint shares of each (reshuffled) epoch.
     """
     ds = source if isinstance(source, grain.MapDataset) else grain.MapDataset.source(source)
     ds = ds.shuffle(seed=seed).repeat(num_epochs)
     ds = ds[process_index::process_count]
-    ds = ds.map(DecodeBuilt(spec) if built else EncodeVif(spec)).batch(batch_size, drop_remainder=True)
+    ds = ds.map(DecodeBuilt(spec) if built else EncodeVif(spec))
     # Threads inside each process: image decoding releases the GIL, so without worker processes a few
     # threads use the cores; with workers, one thread each avoids oversubscribing them.
     threads = read_threads if read_threads is not None else (1 if num_workers else min(os.cpu_count() or 1, 8))
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * batch_size))
+    if spec.pack:
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * threads))
+        it = PackVif(it, max_len=spec.max_len, images_per_row=spec.image_slots, image_size=spec.image_size,
+                     pad_id=tokenizer_for(spec.tokenizer).pad_id, window=spec.pack_window)
+        it = it.batch(batch_size, drop_remainder=True)
+    else:
+        ds = ds.batch(batch_size, drop_remainder=True)
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * batch_size))
     if num_workers > 0:
         from absl import flags
 
