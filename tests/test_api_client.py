@@ -125,12 +125,17 @@ def test_connection_refused_is_an_api_error():
         client.chat(MESSAGES)
 
 
-def test_malformed_success_body_fails():
+def test_malformed_success_body_is_retried_like_a_5xx():
     with ScriptedServer() as server:
-        server.script(Reply(body="not json at all"))
-        client, _ = _client(server)
-        with pytest.raises(ApiError, match="malformed chat completion"):
-            client.chat(MESSAGES)
+        server.script(Reply(body="not json at all"), Reply(body='{"choices": []}'), ok("fine"))
+        client, sleeps = _client(server, backoff_s=0.5)
+        assert client.chat(MESSAGES).text == "fine"
+        assert sleeps.calls == [0.5, 1.0] and client.usage.retries == 2 and len(server.requests) == 3
+        server.script(*[Reply(body="<html>proxy error</html>")] * 2)
+        client, _ = _client(server, max_retries=1)
+        with pytest.raises(ApiError, match=r"malformed chat completion: <html>proxy error</html> \(gave up after 2"):
+            client.chat([{"role": "user", "content": "other"}])
+    assert len(server.requests) == 5
 
 
 def test_cache_hit_on_rerun_makes_no_request(tmp_path):

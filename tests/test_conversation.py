@@ -61,6 +61,7 @@ def test_exact_template_strings():
     assert template_text(render("vicuna_v1", turns, system="S")) == (
         "S USER: <image>\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>")
     assert template_text(render("plain", [("human", "describe <image>"), ("gpt", "a cat")])) == "<image>a cat\n"
+    assert template_text(render("plain", [("gpt", "hi"), ("human", "<image>"), ("gpt", "a cat")])) == "<image>a cat\n"
     assert template_text(render("vicuna_v1", turns[:3], system="S", generation=True)).endswith(
         "USER: q2 ASSISTANT:")
     assert template_text(render("llava_llama_2", turns[:1], system="S", generation=True)).endswith("q1 [/INST]")
@@ -108,8 +109,9 @@ def test_plain_supervises_caption_and_newline(tok):
     assert tok.decode(sup) == KO[5] + "\n"
 
 
-def _llava_reference_labels(tok, pieces, template) -> list[int]:
-    """LLaVA's preprocess_llama_2 / preprocess_v1 arithmetic on the legacy tokenizer (the recipe's rule)."""
+def _llava_reference_labels(tok, conversation: str, template) -> list[int]:
+    """LLaVA's preprocess_llama_2 / preprocess_v1 arithmetic on the legacy tokenizer (the recipe's rule),
+    for a prompt string as LLaVA's get_prompt() writes it."""
     def tokenize(text):  # tokenizer_image_token with one id per image (LLaVA's -200)
         chunks = text.split("<image>")
         ids = [tok.bos_id]
@@ -119,7 +121,6 @@ def _llava_reference_labels(tok, pieces, template) -> list[int]:
             ids += tok.encode_llama_slow(chunk)
         return ids
 
-    conversation = template_text(pieces)
     ids = tokenize(conversation)
     target = list(ids)
     sep = "[/INST] " if template == "llava_llama_2" else " ASSISTANT: "
@@ -154,10 +155,51 @@ def test_llava_mode_ids_and_spans(tok, template, lang):
         want += {"</s>": [tok.eos_id], "<s>": [tok.bos_id]}.get(part) or tok.sp.encode(part)
     assert enc.input_ids == want
     assert enc.input_ids[1 + len(tok.sp.encode(before)) + N_IMG] == tok.sp.piece_to_id("▁")
-    assert enc.labels == _llava_reference_labels(tok, pieces, template)
+    assert enc.labels == _llava_reference_labels(tok, template_text(pieces), template)
     runs = _runs(enc.input_ids, enc.labels, supervised=True)
     answers = [text for role, text in turns if role == "gpt"]
     assert [tok.decode(run[:-1]).strip() for run in runs] == answers and all(r[-1] == tok.eos_id for r in runs)
+
+
+LLAVA_PROMPTS = {  # LLaVA's get_prompt() for a human turn that is only <image> (the newline is stripped)
+    "vicuna_v1": ("S USER: ", " ASSISTANT: The car is red.</s>"),
+    "llava_llama_2": ("[INST] <<SYS>>\nS\n<</SYS>>\n\n", " [/INST] The car is red. </s>"),
+}
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "llava_llama_2"])
+@pytest.mark.parametrize("mode", ["clean", "llava"])
+def test_image_only_turn_has_no_newline(tok, template, mode):
+    before, after = LLAVA_PROMPTS[template]
+    pieces = render(template, [("human", "<image>"), ("gpt", "The car is red.")], system="S")
+    assert template_text(pieces) == before + "<image>" + after
+    enc = encode(pieces, tok, num_image_tokens=N_IMG, image_token_id=IMG, mode=mode)
+    after_image = enc.input_ids[len(enc.input_ids) - enc.input_ids[::-1].index(IMG):]
+    assert tok.sp.piece_to_id("<0x0A>") not in after_image
+    if mode == "llava":  # text on each side of the image tokenised as a fresh string, </s> as its id
+        assert enc.input_ids == ([tok.bos_id] + tok.sp.encode(before) + [IMG] * N_IMG
+                                 + tok.sp.encode(after.removesuffix("</s>")) + [tok.eos_id])
+        assert enc.labels == _llava_reference_labels(tok, before + "<image>" + after, template)
+    runs = _runs(enc.input_ids, enc.labels, supervised=True)
+    assert len(runs) == 1 and tok.decode(runs[0][:-1]).strip() == "The car is red."
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "llava_llama_2"])
+@pytest.mark.parametrize("mode", ["clean", "llava"])
+def test_leading_gpt_turn_is_dropped_as_llava_does(tok, template, mode):
+    question = [("human", "<image>\nWhat color is the car?"), ("gpt", "The car is red.")]
+    pieces = render(template, [("gpt", "Hello! Ask me about the image."), *question], system="S")
+    assert template_text(pieces) == template_text(render(template, question, system="S"))
+    before = LLAVA_PROMPTS[template][0]
+    after = {"vicuna_v1": "\nWhat color is the car? ASSISTANT: The car is red.",
+             "llava_llama_2": "\nWhat color is the car? [/INST] The car is red. "}[template]
+    enc = encode(pieces, tok, num_image_tokens=N_IMG, image_token_id=IMG, mode=mode)
+    assert enc == encode(render(template, question, system="S"), tok, num_image_tokens=N_IMG, image_token_id=IMG,
+                         mode=mode)
+    if mode == "llava":
+        assert enc.input_ids == ([tok.bos_id] + tok.sp.encode(before) + [IMG] * N_IMG + tok.sp.encode(after)
+                                 + [tok.eos_id])
+        assert enc.labels == _llava_reference_labels(tok, before + "<image>" + after + "</s>", template)
 
 
 def test_llava_mode_generation_prompt(tok):
@@ -172,7 +214,10 @@ def test_llava_mode_generation_prompt(tok):
 
 def test_bad_conversations():
     with pytest.raises(ConversationError, match="alternate"):
-        render("vicuna_v1", [("gpt", "a"), ("human", "b")])
+        render("vicuna_v1", [("human", "a"), ("human", "b"), ("gpt", "c")])
+    with pytest.raises(ConversationError, match="alternate"):  # only a training sample's first gpt turn is dropped
+        render("vicuna_v1", [("gpt", "a"), ("human", "b")], generation=True)
+
     with pytest.raises(ConversationError, match="last turn"):
         render("vicuna_v1", [("human", "a")])
     with pytest.raises(ConversationError, match="one image"):

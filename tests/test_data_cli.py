@@ -55,3 +55,16 @@ def test_build_and_errors(files, tmp_path, capsys):
     assert "cannot read corpus" in capsys.readouterr().err
     assert cli(["data", "show", "--corpus", str(corpus), "--tokenizer", str(corpus)]) == 2
     assert "not a SentencePiece model" in capsys.readouterr().err
+
+
+def test_show_keeps_a_record_that_opens_with_gpt(files, tmp_path, capsys):
+    d, tok, _, _ = files
+    corpus = tmp_path / "gpt_first.jsonl"
+    turns = [{"from": "gpt", "value": "Hello! Ask me anything."}, {"from": "human", "value": "<image>"},
+             {"from": "gpt", "value": "A red car."}]
+    corpus.write_text(json.dumps({"id": "g1", "image": "a.png", "conversations": turns}) + "\n")
+    assert cli(["data", "show", "--corpus", str(corpus), "--tokenizer", str(tok), "--template", "vicuna_v1",
+                "--mode", "llava", "--preset", "tiny"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("== g1") and "USER: <image x16> ASSISTANT:[[" in out and "Hello" not in out
+    assert "skipped" not in err

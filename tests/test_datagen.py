@@ -412,6 +412,15 @@ def test_endpoint_failures_stop_the_run_and_do_not_use_up_attempts(tmp_path, cap
     assert code == 2 and "languages fr: choose from en,ko,zh" in err
 
 
+def test_a_short_run_whose_requests_all_fail_is_not_a_success(tmp_path, capsys):
+    vg = make_vg(tmp_path / "vg")
+    with ScriptedServer(lambda request: status(401)) as server:
+        code, stdout, err = run_cli(base_args(server, vg, tmp_path / "out", "--max-images", "1", "--tasks", "object"),
+                                    capsys)
+    assert code == 2 and json.loads(stdout.splitlines()[-1])["pending"] == 1
+    assert err.strip().splitlines()[-1].startswith("xllava: error: 1 of 1 requests failed at the endpoint")
+
+
 def test_image_folder_run_with_two_languages(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-secret")
     images = tmp_path / "photos"

@@ -128,3 +128,32 @@ def test_translate_budget_and_unknown_language(tmp_path, capsys):
         assert main(args(server, src, tmp_path / "o2", "--target", "fr")) == 2
         assert "languages fr" in capsys.readouterr().err
 
+
+
+def test_unreadable_source_fails_loudly(tmp_path, capsys):
+    out = tmp_path / "out"
+    with ScriptedServer(Translator()) as server:
+        for name, text, why in (("broken.json", '[{"id": "1", "conversations": [', "invalid JSON"),
+                                ("empty.jsonl", "\n", "no records"),
+                                ("bad.jsonl", '{"id": "x", "conversations": []}\n', "no conversations")):
+            src = tmp_path / name
+            src.write_text(text)
+            code = main(args(server, src, out))
+            err = capsys.readouterr().err.strip().splitlines()
+            assert code == 2 and err[-1].startswith(f"xllava: error: {src}: no record to translate"), err
+            assert why in err[-1] and len(err) == 1, err
+            assert not (out / "translated_ko.json").exists()
+    assert not server.requests
+
+
+def test_endpoint_down_fails_loudly(tmp_path, capsys):
+    src = tmp_path / "llava.json"
+    src.write_text(json.dumps(SOURCE[:3]))
+    with ScriptedServer(Translator()) as server:
+        url = server.url  # closed on leaving: connection refused
+    code = main(["datagen", "translate", "--src", str(src), "--out", str(tmp_path / "out"), "--api-base", url,
+                 "--model", "m", "--max-retries", "0", "--timeout", "2"])
+    stdout, err = capsys.readouterr()
+    assert code == 2 and json.loads(stdout.splitlines()[-1])["translated"] == 0
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("xllava: error: 3 of 3 requests failed at the endpoint") and "connection failed" in last

@@ -1,5 +1,7 @@
-"""`xllava demo` end to end at smoke size, the contrastive vision pretraining and its hard negatives."""
+"""`xllava demo` end to end at smoke size, its settings records, the contrastive vision pretraining and its hard
+negatives."""
 
+import dataclasses
 import json
 import random
 from collections import Counter
@@ -10,18 +12,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from xllava_jax.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
+from xllava_jax.checkpoint import META_FILE, is_checkpoint, load_checkpoint, save_checkpoint
 from xllava_jax.cli import main as cli
 from xllava_jax.config import ConfigError, ModelConfig, VisionConfig
 from xllava_jax.data import synth_phrases as ph
 from xllava_jax.data.synth_scenes import Obj, Scene
-from xllava_jax.demo.pipeline import ABLATIONS, FULL, Demo, DemoSettings
+from xllava_jax.demo.pipeline import ABLATIONS, FULL, STAGES, Demo, DemoSettings, run_demo
 from xllava_jax.demo.report import accuracy_rows, verdict
 from xllava_jax.demo.vision import hard_negatives
+from xllava_jax.eval.questions import read_questions
 from xllava_jax.models.vision import VisionTower
 from xllava_jax.models.xllava import XLlava
 from xllava_jax.train.contrastive import ContrastiveConfig, pretrain_vision_tower
-from xllava_jax.train.trainer import replace_vision_tower
+from xllava_jax.train.setup import replace_vision_tower
 
 SMALL_VISION = VisionConfig(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=2,
                             num_heads=2)
@@ -177,3 +180,142 @@ def test_report_verdict_names_what_was_learned_and_the_colour_shortcut():
     assert "- Colour, Korean: 45.0%, below the 50.0% of naming any colour present." in lines
     assert "- Binding position, Korean: 30.0%, below the 40.0% of naming any position present." in lines
     assert lines[-1] == "- At chance (under 1.2x the majority baseline): nothing."
+
+
+class _Killed(Exception):
+    """Stands for a demo run killed in the middle of a step."""
+
+
+def _instant_expensive_steps(monkeypatch, kill: set[str]) -> list[tuple[str, list[str]]]:
+    """Replace the vision pretraining, the trainer and the answering with instant stand-ins that write what the real
+    ones write (a vision checkpoint; a workdir with checkpoints/, metrics.jsonl and a final checkpoint, whose
+    metadata holds its step count; answers.jsonl). A stage
+    named in `kill` stops after its first checkpoint, once; a model answers its first `train.steps` questions right.
+    Returns the calls made: (step, what its output directory held when the call began)."""
+    calls: list[tuple[str, list[str]]] = []
+
+    def held(path: Path) -> list[str]:
+        return sorted(p.name for p in path.iterdir()) if path.exists() else []
+
+    def pretrain_clip(data_dir, tokenizer, vision_cfg, out, **_) -> list[dict]:
+        calls.append(("vision", held(Path(out))))
+        Path(out).mkdir(parents=True)
+        (Path(out) / META_FILE).write_text("{}")
+        return [{"step": 1, "loss": 1.0}]
+
+    def train(config, workdir) -> Path:
+        workdir = Path(workdir)
+        calls.append((workdir.name, held(workdir)))
+        (workdir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        if workdir.name in kill:
+            kill.remove(workdir.name)
+            raise _Killed(workdir.name)
+        rows = [{"step": i + 1, "loss": 1 / (i + 1)} for i in range(config.train.steps)]
+        (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (workdir / "final").mkdir(exist_ok=True)
+        (workdir / "final" / META_FILE).write_text(json.dumps({"steps": config.train.steps}))
+        return workdir / "final"
+
+    def run_eval(opts, **_) -> dict:
+        out = Path(opts.out)
+        calls.append(("eval", held(out)))
+        right = json.loads((Path(opts.ckpt) / META_FILE).read_text())["steps"]
+        questions = read_questions(opts.data, "synth_vqa", image_root=opts.image_root)
+        out.mkdir(parents=True, exist_ok=True)
+        lines = [{"question_id": q.question_id, "prompt": q.prompt, "text": q.fields["answer"] if i < right else "-",
+                  **q.fields} for i, q in enumerate(questions)]
+        (out / "answers.jsonl").write_text("".join(json.dumps(a, ensure_ascii=False) + "\n" for a in lines),
+                                           encoding="utf-8")
+        return {"answers": str(out / "answers.jsonl")}
+
+    monkeypatch.setattr("xllava_jax.demo.vision.pretrain_clip", pretrain_clip)
+    monkeypatch.setattr("xllava_jax.train.trainer.train", train)
+    monkeypatch.setattr("xllava_jax.eval.runner.run_eval", run_eval)
+    monkeypatch.setattr("xllava_jax.infer.engine.Engine.load", classmethod(lambda cls, *args, **kwargs: None))
+    return calls
+
+
+def _said(logs: list[str]) -> list[str]:
+    """The step and redo lines of a run's log (the tokenizer table and font notes left out)."""
+    return [line for line in logs if line[:1].isdigit() or line.startswith(("redoing", "removing"))]
+
+
+def _redone(settings: str, *steps: str) -> list[str]:
+    return [f"redoing {step}: its outputs were made with other settings ({settings})" for step in steps]
+
+
+def test_demo_redoes_the_steps_other_settings_made_and_skips_those_the_same_settings_made(tmp_path, monkeypatch):
+    calls = _instant_expensive_steps(monkeypatch, kill=set())
+    out, full, smoke = tmp_path / "demo", f"({FULL.name})", DemoSettings.smoke()
+
+    def run(settings: DemoSettings) -> tuple[dict, list[str]]:
+        calls.clear()
+        logs: list[str] = []
+        return run_demo(out, settings, log=logs.append), logs
+
+    first, _ = run(smoke)
+    assert calls == [("vision", []), *((stage, []) for stage in STAGES), ("eval", []), ("eval", [])]
+
+    # the same settings: every step is skipped
+    again, logs = run(smoke)
+    assert calls == [] and _said(logs) == ["8/8 report"]
+    assert again["results"][FULL.name]["scores"] == first["results"][FULL.name]["scores"]
+
+    # a later stage's step count changes: that stage and the evaluation are redone from scratch, the rest is kept
+    longer = dataclasses.replace(smoke, vif_steps=3)
+    second, logs = run(longer)
+    assert calls == [("vif", []), ("eval", []), ("eval", [])]  # the stale workdir was cleared, not resumed
+    assert _said(logs) == [*_redone("smoke", f"vif {full}"), f"6/8 vif: the four task types {full}",
+                           *_redone("smoke", f"eval {full}"), f"7/8 evaluation on the held-out split {full}",
+                           "8/8 report"]
+    scores, before = second["results"][FULL.name]["scores"], first["results"][FULL.name]["scores"]
+    assert scores["en"]["accuracy"] > before["en"]["accuracy"]
+    report = (out / "report" / "report.md").read_text(encoding="utf-8")
+    assert f"Overall: English {scores['en']['accuracy']:.1f}%, Korean {scores['ko']['accuracy']:.1f}%" in report
+    assert len((out / "full_recipe___generated_data" / "vif" / "metrics.jsonl").read_text().splitlines()) == 3
+
+    # the corpus changes: it and everything downstream of it are redone, each stage in an empty workdir
+    bigger = dataclasses.replace(longer, images=48)
+    _, logs = run(bigger)
+    assert calls == [("vision", []), *((stage, []) for stage in STAGES), ("eval", []), ("eval", [])]
+    assert [line for line in logs if line.startswith("redoing")] == [
+        *_redone("smoke", "synth", "tokenizers", "vision", *(f"{stage} {full}" for stage in STAGES[:-1])),
+        *_redone("images=40", f"vif {full}", f"eval {full}")]
+    assert len((out / "shared" / "data" / "scene_graphs.jsonl").read_text().splitlines()) == 48 + smoke.heldout
+
+    # a stage left out: its workdir goes (the report would plot it), and the stages after it are redone
+    _, logs = run(dataclasses.replace(bigger, attribute_steps=0))
+    assert calls == [("vif_positions", []), ("vif", []), ("eval", []), ("eval", [])]
+    assert f"removing vif_attributes {full}: these settings leave the stage out" in logs
+    assert _redone("attribute_steps=2", f"vif_positions {full}")[0] in logs
+    assert not list((out / "full_recipe___generated_data").glob("vif_attributes*"))
+
+
+def test_demo_resumes_a_step_killed_midway_with_the_same_settings_only(tmp_path, monkeypatch):
+    kill = {"align"}
+    calls = _instant_expensive_steps(monkeypatch, kill)
+    out, smoke, logs = tmp_path / "demo", DemoSettings.smoke(), []
+
+    def run(settings: DemoSettings) -> None:
+        calls.clear()
+        logs.clear()
+        run_demo(out, settings, log=logs.append)
+
+    with pytest.raises(_Killed):
+        run(smoke)
+    # the same settings: the stages done are skipped, the killed one goes on from its checkpoints
+    kill.add("vif")
+    with pytest.raises(_Killed):
+        run(smoke)
+    assert calls == [("align", ["checkpoints"]), ("vif_attributes", []), ("vif_positions", []), ("vif", [])]
+    assert not [line for line in logs if line.startswith("redoing")]
+    # other settings: the killed stage's checkpoints came from the old ones, so it starts again in an empty workdir
+    run(dataclasses.replace(smoke, vif_steps=3))
+    assert calls[0] == ("vif", []) and _redone("smoke", f"vif ({FULL.name})")[0] in logs
+
+    # outputs without records (a demo directory from before the records): redone, as made with unknown settings
+    for record in out.rglob("*.settings.json"):
+        record.unlink()
+    run(smoke)
+    assert calls == [("vision", []), *((stage, []) for stage in STAGES), ("eval", []), ("eval", [])]
+    assert _redone("unrecorded", "synth")[0] in logs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from infer_fixtures import make_checkpoint, make_image
 
@@ -144,3 +146,36 @@ def test_generate_command_streams_the_answer(setup, reference, tmp_path, capsys)
     assert capsys.readouterr().out == engine.tokenizer.decode(reference[0, 0]).strip() + "\n"
     assert main(["generate", "--ckpt", str(ckpt), "--image", str(tmp_path / "nope.png"), "--prompt", "hi"]) == 2
     assert capsys.readouterr().err.strip() == f"xllava: error: {tmp_path / 'nope.png'}: no such file"
+
+
+def test_generate_resolves_the_prompt_as_chat_serve_and_eval_do(setup, tmp_path, monkeypatch):
+    """No prompt flag of generate, chat, serve or eval run has a default of its own: with none given,
+    generate prompts with the checkpoint's recorded template, mode and system prompt."""
+    import json
+    import shutil
+
+    from xllava_jax import checkpoint
+    from xllava_jax.cli import build_parser
+
+    parser = build_parser()
+    for command in (["generate", "--prompt", "p"], ["chat"], ["serve"],
+                    ["eval", "run", "--benchmark", "gqa", "--data", "d", "--out", "o"]):
+        args = parser.parse_args([*command, "--ckpt", "c"])
+        assert (args.template, args.mode, getattr(args, "system", None)) == (None, None, None), command
+    ckpt = Path(shutil.copytree(setup[1], tmp_path / "vicuna"))
+    meta = json.loads((ckpt / checkpoint.META_FILE).read_text())
+    meta["prompt"] = {"template": "vicuna_v1", "mode": "llava", "system": "Answer in one word."}
+    (ckpt / checkpoint.META_FILE).write_text(json.dumps(meta))
+    used = []
+
+    def prompt_ids(engine, turns, *, with_image):
+        used.append((engine.template, engine.mode, engine.system))
+        return original(engine, turns, with_image=with_image)
+
+    original = Engine.prompt_ids
+    monkeypatch.setattr(Engine, "prompt_ids", prompt_ids)
+    monkeypatch.setattr(Engine, "stream", lambda *args, **kwargs: iter(["ok"]))  # the prompt is what matters
+    assert main(["generate", "--ckpt", str(ckpt), "--prompt", "hi", "--max-new-tokens", "1"]) == 0
+    assert main(["generate", "--ckpt", str(ckpt), "--prompt", "hi", "--max-new-tokens", "1",
+                 "--template", "llava_llama_2"]) == 0
+    assert used == [("vicuna_v1", "llava", "Answer in one word."), ("llava_llama_2", "llava", None)]

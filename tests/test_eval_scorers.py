@@ -157,10 +157,67 @@ def test_pope_cli_per_split(tmp_path, capsys):
     assert code == 2 and f"{no_split}:1:" in err and "category" in err
 
 
+def _pope_llava_files(tmp_path):
+    """POPE as LLaVA ships it: per-split annotation files (ids restart per split) and llava_pope_test.jsonl, their
+    lines in the same order with ids numbered over all splits and the split as `category`."""
+    splits = {"random": [("1.jpg", "dog", "yes"), ("1.jpg", "cat", "no")],
+              "adversarial": [("2.jpg", "car", "yes"), ("2.jpg", "bus", "no"), ("3.jpg", "cup", "no")]}
+    annotations, questions = [], []
+    for split, rows in splits.items():
+        lines = [{"question_id": i + 1, "image": image, "text": f"Is there a {obj} in the image?", "label": label}
+                 for i, (image, obj, label) in enumerate(rows)]
+        annotations.append(write_jsonl(tmp_path / f"coco_pope_{split}.json", lines))
+        questions += [{"question_id": len(questions) + i, "image": line["image"], "text": line["text"],
+                       "category": split} for i, line in enumerate(lines)]
+    return annotations, questions
+
+
+def test_pope_split_from_llava_question_file(tmp_path, capsys):
+    annotations, questions = _pope_llava_files(tmp_path)
+    qfile = write_jsonl(tmp_path / "llava_pope_test.jsonl", questions)
+    # LLaVA's runner copies no `category` onto its answer lines; question 4 is unanswered
+    answers = write_jsonl(tmp_path / "a.jsonl", [answer(3, "No, there is not."), answer(0, "Yes"), answer(1, "No"),
+                                                 answer(2, "Yes, a car.")])
+    code, m, err = score(capsys, "--benchmark", "pope", "--answers", answers, "--questions", qfile,
+                         "--annotations", *annotations)
+    assert code == 0, err
+    assert m["per_split"]["random"]["accuracy"] == 100.0 and m["per_split"]["random"]["questions"] == 2
+    adversarial = m["per_split"]["adversarial"]
+    assert (adversarial["accuracy"], adversarial["missing"], adversarial["questions"]) == (66.67, 1, 3)
+    assert (m["questions"], m["missing"], m["ignored_answers"]) == (5, 1, 0)
+    # without --annotations the question lines' own labels are the gold
+    labelled = write_jsonl(tmp_path / "q_labels.jsonl", [{**q, "label": "yes"} for q in questions])
+    code, m, _ = score(capsys, "--benchmark", "pope", "--answers", answers, "--questions", labelled)
+    assert code == 0 and m["per_split"]["random"]["accuracy"] == 50.0
+
+
+def test_pope_question_file_that_does_not_fit_is_one_line(tmp_path, capsys):
+    annotations, questions = _pope_llava_files(tmp_path)
+    answers = write_jsonl(tmp_path / "a.jsonl", [answer(0, "Yes")])
+    moved = write_jsonl(tmp_path / "moved.jsonl", [{**questions[0], "image": "2.jpg"}, *questions[1:]])
+    code, _, err = score(capsys, "--benchmark", "pope", "--answers", answers, "--questions", moved,
+                         "--annotations", *annotations)
+    assert code == 2 and f"{moved}:1:" in err and "coco_pope_random.json:1" in err and "2.jpg" in err
+    assert len(err.strip().splitlines()) == 1
+    short = write_jsonl(tmp_path / "short.jsonl", questions[:4])
+    code, _, err = score(capsys, "--benchmark", "pope", "--answers", answers, "--questions", short,
+                         "--annotations", *annotations)
+    assert code == 2 and "2 question(s) of split adversarial" in err and "coco_pope_adversarial.json has 3" in err
+    no_split = write_jsonl(tmp_path / "no_split.jsonl", [{k: v for k, v in q.items() if k != "category"}
+                                                         for q in questions])
+    code, _, err = score(capsys, "--benchmark", "pope", "--answers", answers, "--questions", no_split,
+                         "--annotations", *annotations)
+    assert code == 2 and f"{no_split}:1: no `category` field" in err
+
+
 # ---- Korean sets ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("benchmark, prediction, label, paper, strict", [
-    ("bokvqa_ko", "사과 ", "사과", True, True),
+    ("bokvqa_ko", "사과 ", "사과", False, True),  # the reference scripts strip neither side
+    ("bokvqa_ko", "야구", "야구 ", False, True),
+    ("koliv", " 예", "예", False, True),
+    ("koviz", " 예", "예", False, True),
+    ("koviz", "예 ", "예", False, True),
     ("bokvqa_ko", "사과.", "사과", False, True),
     ("bokvqa_ko", "사과  나무", "사과 나무", False, True),
     ("bokvqa_ko", "사과입니다", "사과", False, False),

@@ -11,7 +11,8 @@ import re
 import pytest
 from PIL import Image
 
-from tests.chat_server import ScriptedServer
+from tests.chat_server import Reply, ScriptedServer, status
+from xllava_jax.api.client import ApiError
 from xllava_jax.errors import UserError
 from xllava_jax.eval.judge import parse_score_pair, score_llava_bench
 
@@ -178,3 +179,93 @@ def test_score_cli_prints_metrics_and_writes_reviews(bench, tmp_path, capsys):
         again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(server.requests) == 5 and again["usage"]["cached"] == 5  # the rerun came from the cache
     assert {k: v for k, v in again.items() if k != "usage"} == {k: v for k, v in metrics.items() if k != "usage"}
+
+
+def _cli_args(bench, server_url: str, *extra: str) -> list[str]:
+    return ["eval", "score", "--benchmark", "llava_bench", "--questions", bench.questions, "--annotations",
+            *bench.annotations, "--answers", bench.answers, "--context", bench.context, "--api-base", server_url,
+            "--judge-model", "judge-4", "--api-key-env", "XLLAVA_NO_KEY", "--cache-dir", bench.cache_dir, *extra]
+
+
+def test_failed_judge_calls_are_listed_and_the_run_writes_its_figures(bench, tmp_path, capsys):
+    from xllava_jax.cli import main
+
+    seen: dict[str, int] = {}
+    broken = [True]
+
+    def responder(request: dict):
+        text = _user_text(request)
+        qid = re.search(r"OURS(\d)", text).group(1)
+        seen[qid] = seen.get(qid, 0) + 1
+        if not broken[0]:
+            return _scores_from_prompt(request)
+        if qid == "1" and seen[qid] == 1:
+            return Reply(content="8 6", delay_s=1.0)  # hangs past --timeout once, then answered
+        if qid == "2":
+            return Reply(body="<html>bad gateway</html>")  # a malformed 200 on every attempt
+        if qid == "3":
+            return status(400)  # refused at once
+        if qid == "4":
+            return status(500)  # on every attempt
+        if qid == "5" and seen[qid] == 1:
+            return Reply(body='{"choices": []}')  # malformed once: retried like a 5xx
+        return _scores_from_prompt(request)
+
+    out = tmp_path / "scores" / "lb.json"
+    with ScriptedServer(responder) as server:
+        code = main(_cli_args(bench, server.url, "--timeout", "0.3", "--max-retries", "1", "--backoff", "0.01",
+                              "--out", str(out)))
+        stdout, err = capsys.readouterr()
+        written, reviews = json.loads(out.read_text()), (out.parent / "lb_reviews.jsonl").read_text().splitlines()
+        first_seen = dict(seen)
+        seen.clear()
+        broken[0] = False
+        again = main(_cli_args(bench, server.url))  # the rerun asks again only what failed
+    metrics = json.loads(stdout.strip().splitlines()[-1])
+    assert code == 3, err
+    assert first_seen == {"1": 2, "2": 2, "3": 1, "4": 2, "5": 2}
+    assert (metrics["judged"], metrics["failed"], metrics["failed_ids"]) == (2, 3, [2, 3, 4])
+    assert metrics["accuracy"] == round(100 * (6 + 7) / (8 + 7), 2)  # questions 1 and 5 only
+    assert sum(c["count"] for c in metrics["per_category"].values()) == 2 and written == metrics
+    reviews = {r["question_id"]: r for r in map(json.loads, reviews)}
+    assert reviews[3]["failed"] and "HTTP 400" in reviews[3]["error"] and "HTTP 500" in reviews[4]["error"]
+    assert "malformed chat completion" in reviews[2]["error"] and reviews[1]["error"] is None
+    assert "3 question(s) whose judging failed, not scored: 2, 3, 4; the first: " in err
+    assert "malformed chat completion: <html>bad gateway</html> (gave up after 2 attempts)" in err
+    rerun = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again == 0 and seen == {"2": 1, "3": 1, "4": 1}
+    assert rerun["failed"] == 0 and rerun["usage"]["cached"] == 2
+
+
+def test_a_dead_endpoint_is_given_up_after_failures_in_a_row(bench, capsys):
+    from xllava_jax.cli import main
+    from xllava_jax.eval.judging import MAX_FAILURES_IN_A_ROW, CallFailed, run_parallel
+
+    calls = []
+
+    def dead(item: int):
+        calls.append(item)
+        raise ApiError(f"http://127.0.0.1:9/v1/chat/completions: connection failed (item {item})")
+
+    results = run_parallel(dead, list(range(40)), 2, "judging")
+    assert all(isinstance(r, CallFailed) for r in results) and len(results) == 40
+    assert len(calls) <= MAX_FAILURES_IN_A_ROW + 1
+    assert "not sent" in results[-1].reason and "connection failed" in results[-1].reason
+
+    with ScriptedServer() as server:
+        url = server.url  # closed on leaving: connection refused
+    assert main(_cli_args(bench, url, "--max-retries", "0")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("xllava: error: ") and "no question could be judged" in err[-1]
+    assert "connection failed" in err[-1]
+
+
+def test_help_documents_the_exit_status_and_endpoint_flags(capsys):
+    from xllava_jax.cli import main
+
+    for command in (["eval", "score"], ["eval", "preference"]):
+        with pytest.raises(SystemExit):
+            main([*command, "--help"])
+        text = capsys.readouterr().out
+        assert "--timeout" in text and "--max-retries" in text
+        assert "3 finished" in text and "`failed_ids` lists them" in text

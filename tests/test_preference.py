@@ -9,7 +9,7 @@ import re
 import pytest
 from PIL import Image
 
-from tests.chat_server import ScriptedServer
+from tests.chat_server import Reply, ScriptedServer, status
 from xllava_jax.cli import main
 from xllava_jax.eval.preference import pair_outcome, parse_verdict, truncate_words
 
@@ -96,7 +96,8 @@ def test_consistent_judge_wins_losses_and_outputs(files, capsys):
     assert all(u.startswith("data:image/png;base64,") for u in image_urls)
     lines = [json.loads(line) for line in (files["tmp"] / "out" / "judgements.jsonl").read_text().splitlines()]
     assert [(r["question_id"], r["final"]) for r in lines] == [(1, "win"), (2, "loss"), (3, "tie")]
-    assert lines[0]["verdicts"]["ba"] == {"label": "B", "side": "A", "reply": "**Answer B**\nIt is more helpful."}
+    assert lines[0]["verdicts"]["ba"] == {"label": "B", "side": "A", "reply": "**Answer B**\nIt is more helpful.",
+                                          "error": None}
     assert (files["tmp"] / "out" / "preference.png").read_bytes().startswith(b"\x89PNG")
     assert "1 question(s) unanswered in --answers-a" in capsys.readouterr().err
 
@@ -128,3 +129,26 @@ def test_bad_answers_line_exits_2(files, capsys):
                  files["b"], "--api-base", "http://127.0.0.1:9/v1", "--judge-model", "j",
                  "--out", str(files["tmp"] / "x")]) == 2
     assert "a.jsonl:5: answers line has no string 'text'" in capsys.readouterr().err
+
+
+def test_failed_judge_calls_are_failed_pairs_not_ties(files, capsys):
+    def responder(request: dict):
+        first, second = _shown(request)
+        if "plain" in first and second == "plain two":
+            return status(500)  # pair 3 shown A first: fails on every attempt
+        if "bad answer" in (first, second) and "good answer 좋은 대답" in (first, second):
+            return Reply(body="upstream timeout")  # pair 2, both orders: a malformed 200 every time
+        return consistent_judge(request)
+
+    with ScriptedServer(responder) as server:
+        code, summary = _run(files, server, files["tmp"] / "failed", "--max-retries", "1", "--backoff", "0.01",
+                             "--timeout", "5")
+    err = capsys.readouterr().err
+    assert code == 3 and (summary["win"], summary["tie"], summary["loss"], summary["failed"]) == (1, 0, 0, 2)
+    assert summary["failed_ids"] == [2, 3] and summary["judged"] == 1 and summary["win_pct"] == 100.0
+    assert len(server.requests) == 2 + 4 + 3  # pair 1: two orders; pair 2: 2 x 2 attempts; pair 3: 2 + 1
+    lines = {r["question_id"]: r for r in map(json.loads, (files["tmp"] / "failed" / "judgements.jsonl")
+                                              .read_text().splitlines())}
+    assert lines[3]["final"] == "failed" and "HTTP 500" in lines[3]["verdicts"]["ab"]["error"]
+    assert lines[3]["verdicts"]["ba"]["error"] is None and "malformed" in lines[2]["verdicts"]["ba"]["error"]
+    assert "2 question(s) whose judging failed, not scored: 2, 3; the first: " in err

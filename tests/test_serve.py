@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from functools import partial
@@ -30,6 +33,8 @@ from xllava_jax.infer.serve import ChatServer, prompt_ids
 MAX = 8
 GREEDY = {"temperature": 0, "max_tokens": MAX}
 QUESTIONS = ["What is in the picture?", "Say hello.", "Count to three, please.", "Name a colour."]
+KEY, TIMEOUT = "test-key-0123", 2.0  # the guarded server's API key and request timeout (s)
+CHAT, JSON = "/v1/chat/completions", {"Content-Type": "application/json"}
 
 
 def data_url(path: Path) -> str:
@@ -61,6 +66,20 @@ def env(tmp_path_factory):
     thread.start()
     client = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0, timeout=120)
     yield SimpleNamespace(server=server, client=client, engine=engine, root=root, images=images, ckpt=ckpt)
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+@pytest.fixture(scope="module")
+def guarded(env):
+    """A second server on the same engine (nothing compiles again) with an API key and a short request timeout."""
+    server = ChatServer(env.engine, "127.0.0.1", 0, api_key=KEY, request_timeout=TIMEOUT)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()  # the client closes each connection, so none is reused just as the server times it out
+    client = openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0, timeout=120,
+                           default_headers={"Connection": "close"})
+    yield SimpleNamespace(server=server, client=client)
     server.shutdown()
     server.server_close()
     thread.join()
@@ -161,22 +180,118 @@ def test_system_message_replaces_the_template_system_prompt(env):
 
 
 # ---------------------------------------------------------------------------------------- errors
-def post_raw(env, body: bytes, path: str = "/chat/completions") -> tuple[int, dict]:
-    request = urllib.request.Request(env.server.url + path, data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as e:
-        return e.code, json.load(e)
+def read_to_end(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
-def test_bad_json_unknown_route_and_oversized_body(env):
-    status, body = post_raw(env, b'{"model": "tiny", "messages": [')
-    assert status == 400 and body["error"]["code"] == "invalid_json"
-    assert set(body["error"]) == {"message", "type", "param", "code"}
-    assert post_raw(env, b"{}", "/completions")[0] == 404
-    status, body = post_raw(env, b" " * (1 << 20) + b"{}")
-    assert status == 413 and body["error"]["code"] == "request_too_large"
+def test_a_good_request_is_answered_after_every_kind_of_bad_one(env):
+    """Each refusal is OpenAI-shaped JSON; the connection stays open when the request was read whole, and the
+    next request (on it, or on a new one after a close) is answered."""
+    good = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": QUESTIONS[1]}], **GREEDY}).encode()
+    want = ask(env, QUESTIONS[1]).choices[0].message.content
+
+    def chat(**fields) -> bytes:
+        return json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **fields}).encode()
+
+    outside = with_image("file://" + str(env.root / "outside.png"))
+    bad = [  # what, method, path, body, headers, status, code, whether the server closes the connection
+        ("malformed JSON", "POST", CHAT, b'{"model": "tiny", "messages": [', JSON, 400, "invalid_json", False),
+        ("wrong content type", "POST", CHAT, chat(), {"Content-Type": "text/plain"}, 415, "unsupported_media_type",
+         False),
+        ("missing messages", "POST", CHAT, b'{"model": "tiny"}', JSON, 400, None, False),
+        ("unknown model", "POST", CHAT, chat(model="gpt-4o"), JSON, 404, "model_not_found", False),
+        ("bad image URL", "POST", CHAT, chat(messages=with_image("https://example.com/a.png")), JSON, 400,
+         "invalid_image_url", False),
+        ("file outside the root", "POST", CHAT, chat(messages=outside), JSON, 403, "image_outside_root", False),
+        ("oversized body", "POST", CHAT, b" " * (1 << 20) + b"{}", JSON, 413, "request_too_large", True),
+        ("PUT", "PUT", CHAT, chat(), JSON, 405, "method_not_allowed", False),
+        ("GET on a POST route", "GET", CHAT, None, {}, 405, "method_not_allowed", False),
+        ("unknown method", "BREW", "/v1/models", None, {}, 501, None, True),
+        ("unknown POST path", "POST", "/v1/completions", chat(), JSON, 404, "unknown_route", False),
+        ("unknown GET path", "GET", "/nope", None, {}, 404, "unknown_route", False),
+    ]
+    raw = [  # sent whole on a fresh connection, which the client then half-closes
+        ("truncated body", f"POST {CHAT} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                           "Content-Length: 100\r\n\r\n{\"model\": ", 400, "incomplete_body"),
+        ("malformed Content-Length", f"POST {CHAT} HTTP/1.1\r\nContent-Type: application/json\r\n"
+                                     "Content-Length: ten\r\n\r\n{}", 400, None),
+        ("oversized header", f"GET /v1/models HTTP/1.1\r\nX-Big: {'x' * 70000}\r\n\r\n", 431, None),
+    ]
+    conn = http.client.HTTPConnection(*env.server.server_address[:2], timeout=120)
+
+    def answers_a_good_request(what: str) -> None:
+        conn.request("POST", CHAT, good, JSON)  # http.client reconnects when the server closed
+        response = conn.getresponse()
+        assert (response.status, json.load(response)["choices"][0]["message"]["content"]) == (200, want), what
+
+    for what, method, path, body, headers, status, code, closes in bad:
+        conn.request(method, path, body, headers)
+        response = conn.getresponse()
+        error = json.load(response)["error"]
+        assert (response.status, error["code"], response.will_close) == (status, code, closes), what
+        assert set(error) == {"message", "type", "param", "code"}, what
+        answers_a_good_request(what)
+    for what, request, status, code in raw:
+        with socket.create_connection(env.server.server_address[:2], timeout=60) as sock:
+            sock.sendall(request.encode())
+            sock.shutdown(socket.SHUT_WR)
+            head, _, body = read_to_end(sock).partition(b"\r\n\r\n")
+        assert head.startswith(f"HTTP/1.1 {status} ".encode()) and json.loads(body)["error"]["code"] == code, what
+        answers_a_good_request(what)
+    conn.close()
+
+
+def test_a_stalled_client_is_cut_off_while_others_are_answered(guarded):
+    """A body that stops short, headers that stop short, a connection that sends nothing: each is closed after
+    the request timeout (the first with a 408), and other clients are answered meanwhile."""
+    address = guarded.server.server_address[:2]
+    stalled = [socket.create_connection(address, timeout=TIMEOUT + 30) for _ in range(3)]
+    stalled[0].sendall(f"POST {CHAT} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {KEY}\r\n"
+                       "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\": ".encode())
+    stalled[1].sendall(f"POST {CHAT} HTTP/1.1\r\nHost: t\r\n".encode())
+    start = time.monotonic()
+    with urllib.request.urlopen(guarded.server.url.removesuffix("/v1") + "/health", timeout=TIMEOUT) as response:
+        assert response.status == 200
+    assert time.monotonic() - start < TIMEOUT  # answered while all three stalls are still open
+    assert ask(guarded, QUESTIONS[1]).choices[0].finish_reason == "length"
+    replies = []
+    for sock in stalled:
+        with sock:
+            replies.append(read_to_end(sock))
+    assert TIMEOUT / 2 < time.monotonic() - start < TIMEOUT + 20
+    head, _, body = replies[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ") and json.loads(body)["error"]["code"] == "request_timeout"
+    assert replies[1:] == [b"", b""]
+
+
+def test_health_and_an_api_key_on_every_other_route(env, guarded):
+    for server in (env.server, guarded.server):  # /health needs no key
+        with urllib.request.urlopen(server.url.removesuffix("/v1") + "/health", timeout=30) as response:
+            assert json.load(response) == {"status": "ok", "model": "tiny"}
+    for headers in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": KEY}):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(urllib.request.Request(guarded.server.url + "/models", headers=headers), timeout=30)
+        body = json.load(err.value)
+        assert (err.value.code, err.value.headers["WWW-Authenticate"]) == (401, "Bearer")
+        assert body["error"]["code"] == "invalid_api_key" and "wrong" not in json.dumps(body)
+    wrong = openai.OpenAI(base_url=guarded.server.url, api_key="wrong-key", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError) as err:
+        wrong.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], **GREEDY)
+    assert err.value.code == "invalid_api_key"
+    assert [m.id for m in guarded.client.models.list().data] == ["tiny"]
+    assert ask(guarded, QUESTIONS[1]).choices[0].message.content == ask(env, QUESTIONS[1]).choices[0].message.content
+
+
+def test_sampling_draws_a_fresh_seed_unless_the_request_sets_one(env):
+    """16 tokens drawn from the whole vocabulary: equal samples by chance are out of the question."""
+    sample = partial(ask, env, QUESTIONS[1], temperature=1.0, top_p=1.0, max_tokens=16, extra_body={"top_k": 0})
+    first, second = (sample().choices[0].message.content for _ in range(2))
+    assert first != second
+    assert sample(seed=1234).choices[0].message.content == sample(seed=1234).choices[0].message.content
+    assert env.engine.tokenizer.decode([env.engine.cfg.image_token_id]) == ""  # a drawn placeholder: no 500
 
 
 def test_unknown_model_is_not_found(env):
@@ -235,16 +350,27 @@ def test_file_urls_without_an_image_root_are_refused(env):
 
 
 # ------------------------------------------------------------------------------------------- CLI
-def test_cli_bad_flags_exit_2(env, tmp_path, capsys):
-    assert main(["serve", "--ckpt", str(env.ckpt), "--image-root", str(tmp_path / "nope")]) == 2
+def test_cli_bad_flags_exit_2(env, tmp_path, capsys, monkeypatch):
+    serve = ["serve", "--ckpt", str(env.ckpt)]
+    monkeypatch.delenv("XLLAVA_SERVE_API_KEY", raising=False)
+    assert main([*serve, "--image-root", str(tmp_path / "nope")]) == 2
     assert main(["serve", "--ckpt", str(tmp_path / "missing")]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[0].startswith("xllava: error: ") and "image root" in lines[0]
-    assert lines[-1].startswith("xllava: error: ") and "missing" in lines[-1]
+    assert main([*serve, "--request-timeout", "0"]) == 2
+    assert main([*serve, "--api-key", "a secret with spaces"]) == 2
+    monkeypatch.setenv("XLLAVA_SERVE_API_KEY", "")  # set but empty: refused rather than serving without a key
+    assert main(serve) == 2
+    err = capsys.readouterr().err
+    # (stray reports of earlier tests' garbage, such as orbax's orphaned reads, may land here too)
+    lines = [line for line in err.splitlines() if line.startswith("xllava")]
+    assert len(lines) == 5 and all(line.startswith("xllava: error: ") for line in lines), err
+    assert "Traceback" not in err
+    assert ["image root" in lines[0], "missing" in lines[1], "--request-timeout" in lines[2]] == [True] * 3
+    assert "secret" not in lines[3] and "XLLAVA_SERVE_API_KEY" in lines[4]
 
 
 def test_cli_serves_and_shuts_down_on_sigterm(env):
-    env_vars = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    """With the API key from the environment, never printed."""
+    env_vars = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "XLLAVA_SERVE_API_KEY": "cli-key-42"}
     proc = subprocess.Popen([sys.executable, "-m", "xllava_jax.cli", "serve", "--ckpt", str(env.ckpt), "--port", "0",
                              "--model-name", "cli"], stderr=subprocess.PIPE, text=True, env=env_vars)
     try:
@@ -253,10 +379,17 @@ def test_cli_serves_and_shuts_down_on_sigterm(env):
             lines.append(proc.stderr.readline())
             assert lines[-1], "".join(lines)
         url = lines[-1].split(" at ")[1].split()[0]
-        with urllib.request.urlopen(url + "/models", timeout=30) as response:
+        with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=30) as response:
+            assert json.load(response) == {"status": "ok", "model": "cli"}
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(url + "/models", timeout=30)
+        assert err.value.code == 401
+        keyed = urllib.request.Request(url + "/models", headers={"Authorization": "Bearer cli-key-42"})
+        with urllib.request.urlopen(keyed, timeout=30) as response:
             assert json.load(response)["data"][0]["id"] == "cli"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
-        assert "shutting down" in proc.stderr.read()
+        rest = proc.stderr.read()
+        assert "shutting down" in rest and "cli-key-42" not in "".join(lines) + rest
     finally:
         proc.kill()

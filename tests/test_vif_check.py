@@ -50,7 +50,7 @@ def test_every_problem_is_reported(corpus):
     assert report.records == 2
     by_id = {p.id or p.where: p for p in report.problems}
     expected = {
-        "line 3": "invalid JSON", "roles": "expected human", "empty": "is empty",
+        "line 3": "invalid JSON", "roles": "not an answer", "empty": "is empty",
         "no-image": "<image> without an image", "no-tag": "an image without <image>",
         "missing": "not found", "truncated": "image truncated.png", "garbage": "image garbage.jpg",
         "dotdot": "climbs out", "absolute": "not relative", "symlink": "outside the image root",

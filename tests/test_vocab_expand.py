@@ -21,7 +21,8 @@ from vocab_text import (
 
 from xllava_jax.cli import main as xllava_main
 from xllava_jax.tokenizer.expand import expand_tokenizer, read_expansion
-from xllava_jax.tokenizer.stats import count_tokens
+from xllava_jax.tokenizer.stats import compute_stats, count_tokens
+from xllava_jax.tokenizer.syllables import KSX1001_SYLLABLES
 
 BASE_SIZE = 2000
 NUM_NEW = 7000
@@ -35,6 +36,7 @@ Mr. O'Neill's well-known co-operative re-entered the market in mid-2019, didn't 
     Indented line with trailing spaces   
 ALL CAPS HEADLINE: NASA, ESA & JAXA AGREE ON 2030 PLAN!!!
 """
+LAW_TEXT = "제250조 사람을 살해한 자는 사형, 무기 또는 5년 이상의 징역에 처한다. 죄를 지은 소녀는 벌금형을 받았다."
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -158,11 +160,37 @@ def test_expansion_keeps_base_and_records_new_pieces(data, expanded):
             assert not plain_sp.id_to_piece(token["subword_ids"][0]).startswith("\u2581")
 
 
+def test_ksx1001_set():
+    assert len(KSX1001_SYLLABLES) == len(set(KSX1001_SYLLABLES)) == 2350
+    assert KSX1001_SYLLABLES[:3] == ("가", "각", "간") and KSX1001_SYLLABLES[-1] == "힝"
+    assert list(KSX1001_SYLLABLES) == sorted(KSX1001_SYLLABLES)
+    assert all(s in KSX1001_SYLLABLES for s in "녀훈죄벌") and not any(s in KSX1001_SYLLABLES for s in "똠햏")
+
+
+def test_every_ksx1001_syllable_is_a_piece_after_expansion(data, expanded):
+    base, sp = expanded["base"], expanded["sp"]
+    lacking = [s for s in KSX1001_SYLLABLES if base.piece_to_id(s) == base.unk_id()]
+    assert 2000 < len(lacking) < 2350
+    assert all(sp.id_to_piece(sp.piece_to_id(s)) == s for s in KSX1001_SYLLABLES)
+    record = expanded["record"]
+    assert [t["piece"] for t in record["new_tokens"][:len(lacking)]] == lacking  # first, in 가나다 order
+    assert record["num_new"] == NUM_NEW  # within --num-new
+    assert record["ksx1001_syllables"] == {"total": 2350, "in_base": 2350 - len(lacking), "added": len(lacking),
+                                           "after": 2350, "ensured": True}
+    # Syllables the training text lacks no longer fall back to bytes.
+    trained_on = set((data["root"] / "ko_train.txt").read_text(encoding="utf-8"))
+    assert {"죄", "벌", "녀"} <= set(LAW_TEXT) - trained_on
+    assert not any(sp.is_byte(i) for i in sp.encode(LAW_TEXT))
+    stats = compute_stats([data["base"], expanded["dir"]], [data["root"] / "ko_small.txt"])
+    assert [r["ksx1001_syllables"] for r in stats["results"]] == [2350 - len(lacking), 2350]
+
+
 # ----------------------------------------------------------------------------------- other sources
 def test_merge_bpe_model(data, tmp_path):
     record = expand_tokenizer(data["base"], tmp_path / "out", merge_model=data["root"] / "ko_bpe.model")
     assert record["source"]["model_type"] == "bpe" and record["unreachable"] == 0
     assert record["filtered"]["control"] == 3 and record["filtered"]["no_script"] > 0
+    assert record["ksx1001_syllables"]["after"] == 2350
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "out" / "tokenizer.model"))
     assert sp.encode(ENGLISH_PROSE) == spm.SentencePieceProcessor(model_file=str(data["base"])).encode(ENGLISH_PROSE)
 
@@ -180,18 +208,75 @@ def test_merge_vocab_filters_and_counts(data, tmp_path):
     lines = [in_base, "<0x41>", "", "\u2581", "   ", "hello", "▁사과나무\t-12.5", " 사과나무", "배나무",
              "<s>", "▁수박", "배나무"]
     (tmp_path / "pieces.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    record = expand_tokenizer(data["base"], tmp_path / "out", merge_vocab=tmp_path / "pieces.txt")
+    record = expand_tokenizer(data["base"], tmp_path / "out", merge_vocab=tmp_path / "pieces.txt",
+                              syllable_coverage=False)
     assert record["filtered"] == {"in_base": 2, "duplicate": 2, "byte": 1, "control": 0, "empty": 3,
                                   "no_script": 1, "beyond_num_new": 0}
     new = [t["piece"] for t in record["new_tokens"]]
-    # Characters the base lacks come just before the first piece that needs them.
-    assert [p for p in new if len(p) > 1] == ["▁사과나무", "배나무", "▁수박"]
+    # The list's pieces come first, in order; the characters they need that the base lacks follow them.
+    assert new[:3] == ["▁사과나무", "배나무", "▁수박"] and all(len(p) == 1 for p in new[3:])
     assert all(c in set(new) | {base.id_to_piece(i) for i in range(BASE_SIZE)} for p in new for c in p)
+    assert record["ksx1001_syllables"]["added"] == 0 and not record["ksx1001_syllables"]["ensured"]
     capped = expand_tokenizer(data["base"], tmp_path / "capped", merge_vocab=tmp_path / "pieces.txt",
-                              num_new=len(new) - 1)
+                              num_new=len(new) - 1, syllable_coverage=False)
     assert capped["num_new"] <= len(new) - 1 and capped["filtered"]["beyond_num_new"] > 0
-    anyscript = expand_tokenizer(data["base"], tmp_path / "any", merge_vocab=tmp_path / "pieces.txt", script="any")
+    anyscript = expand_tokenizer(data["base"], tmp_path / "any", merge_vocab=tmp_path / "pieces.txt", script="any",
+                                 syllable_coverage=False)
     assert "hello" in [t["piece"] for t in anyscript["new_tokens"]]
+    # By default the syllables the base lacks follow the list's pieces (its characters among them).
+    covered = expand_tokenizer(data["base"], tmp_path / "covered", merge_vocab=tmp_path / "pieces.txt")
+    added = covered["ksx1001_syllables"]["added"]
+    assert [t["piece"] for t in covered["new_tokens"][:3]] == ["▁사과나무", "배나무", "▁수박"]
+    assert [t["piece"] for t in covered["new_tokens"][3:]] == [s for s in KSX1001_SYLLABLES
+                                                                if base.piece_to_id(s) == base.unk_id()]
+    assert covered["filtered"] == record["filtered"] and covered["num_new"] == added + 3
+
+
+def test_merged_pieces_keep_the_ids_of_a_plain_append(data, tmp_path):
+    # X-LLaVA's recipe: LLaMA-2's 32,000 ids unchanged and KoBERT's pieces right after them, in their order
+    # (32,000 + 7,478 = 39,478); the syllables the base lacks, then other characters the pieces need, follow.
+    base = pb.ModelProto()
+    base.ParseFromString(data["base"].read_bytes())
+    in_base = {p.piece for p in base.pieces}
+    lacking = [s for s in KSX1001_SYLLABLES if s not in in_base]
+    pieces = ["▁사과", "나무", "▁사과나무", "배", "▁똠방"]  # 배: a lacking syllable; 똠: not in KS X 1001
+    assert "배" in lacking and "똠" not in in_base | set(KSX1001_SYLLABLES)
+    (tmp_path / "pieces.txt").write_text("\n".join(pieces) + "\n", encoding="utf-8")
+    record = expand_tokenizer(data["base"], tmp_path / "list", merge_vocab=tmp_path / "pieces.txt")
+    assert [t["piece"] for t in record["new_tokens"]] == [*pieces, *(s for s in lacking if s != "배"), "똠"]
+    assert record["ksx1001_syllables"] == {"total": 2350, "in_base": 2350 - len(lacking), "added": len(lacking),
+                                           "after": 2350, "ensured": True}
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "list" / "tokenizer.model"))
+    assert [sp.piece_to_id(p) for p in pieces] == list(range(BASE_SIZE, BASE_SIZE + len(pieces)))
+    assert [sp.id_to_piece(i) for i in range(BASE_SIZE)] == [p.piece for p in base.pieces]
+    ids = sp.encode("사과나무 배 똠방")
+    assert sp.decode(ids) == "사과나무 배 똠방" and not any(sp.is_byte(i) for i in ids)
+    # The same from a SentencePiece model: its kept pieces in its order, then the syllables it lacks.
+    source = pb.ModelProto()
+    source.ParseFromString((data["root"] / "ko_bpe.model").read_bytes())
+    record = expand_tokenizer(data["base"], tmp_path / "model", merge_model=data["root"] / "ko_bpe.model")
+    new = [t["piece"] for t in record["new_tokens"]]
+    kept = [p.piece for p in sorted(source.pieces, key=lambda p: -p.score) if p.piece in set(new)]
+    assert len(kept) > 500 and new[:len(kept)] == kept
+    assert new[len(kept):] == [s for s in lacking if s not in set(kept)]
+    assert record["ksx1001_syllables"]["after"] == 2350
+
+
+def test_syllable_coverage_in_the_cli(data, tmp_path, capsys):
+    (tmp_path / "pieces.txt").write_text("▁사과\n", encoding="utf-8")
+    argv = ["expand", "--base", str(data["base"]), "--merge-vocab", str(tmp_path / "pieces.txt")]
+    code, out, err = run_cli([*argv, "--out", str(tmp_path / "a")], capsys)
+    lacking = read_expansion(tmp_path / "a")["ksx1001_syllables"]["added"]
+    assert code == 0 and f"+ {lacking:,} added = 2,350 of the 2,350 KS X 1001 Hangul syllables" in out, err
+    code, out, err = run_cli([*argv, "--out", str(tmp_path / "b"), "--no-syllable-coverage"], capsys)
+    assert code == 0 and read_expansion(tmp_path / "b")["ksx1001_syllables"]["added"] == 0
+    assert "of the 2,350 KS X 1001 Hangul syllables (--no-syllable-coverage)" in out
+    code, out, err = run_cli([*argv, "--out", str(tmp_path / "c"), "--num-new", str(lacking - 1)], capsys)
+    assert code == 2 and err.count("xllava:") == 1 and not (tmp_path / "c").exists()
+    assert (f"--num-new {lacking - 1}: the base lacks {lacking:,} of the 2,350 KS X 1001 Hangul syllables"
+            in err and "--no-syllable-coverage" in err)
+    code, out, err = run_cli([*argv, "--out", str(tmp_path / "d"), "--num-new", str(lacking)], capsys)
+    assert code == 0 and read_expansion(tmp_path / "d")["num_new"] == lacking
 
 
 def test_base_directory_settings_carry_over(data, tmp_path):
@@ -266,12 +351,14 @@ def bad_inputs(root, base):
         "added_tokens_beyond": (["--base", str(root / "llava_tok"), *train, "--num-new", "10"],
                                 f"adds tokens past the SentencePiece vocabulary (<image>={BASE_SIZE})"),
         "missing_base": (["--base", str(root / "missing.model"), *train, "--num-new", "10"], "no such file"),
-        "missing_corpus": (["--base", str(base), "--train-corpus", str(root / "missing.txt"), "--num-new", "10"],
+        "missing_corpus": (["--base", str(base), "--train-corpus", str(root / "missing.txt"), "--num-new", "3000"],
                            "missing.txt: no such file"),
         "missing_merge_model": (["--base", str(base), "--merge-model", str(root / "missing.model")], "no such file"),
         "missing_vocab": (["--base", str(base), "--merge-vocab", str(root / "missing.txt")], "no such file"),
-        "not_utf8": (["--base", str(base), "--train-corpus", str(root / "latin1.txt"), "--num-new", "10"],
+        "not_utf8": (["--base", str(base), "--train-corpus", str(root / "latin1.txt"), "--num-new", "3000"],
                      "not UTF-8"),
+        "num_new_below_syllables": (["--base", str(base), *train, "--num-new", "10"],
+                                    "--num-new 10: the base lacks 2,329 of the 2,350 KS X 1001 Hangul syllables"),
         "no_num_new": (["--base", str(base), *train], "needs --num-new"),
         "out_not_empty": (["--base", str(base), *train, "--num-new", "10"], "not empty"),
         "checkpoint_alone": (["--base", str(base), *train, "--num-new", "10", "--checkpoint", str(root)],
@@ -281,7 +368,8 @@ def bad_inputs(root, base):
 
 @pytest.mark.parametrize("case", ["not_sentencepiece", "unigram_base", "num_new_too_large", "added_tokens_beyond",
                                   "missing_base",
-                                  "missing_corpus", "missing_merge_model", "missing_vocab", "not_utf8", "no_num_new",
+                                  "missing_corpus", "missing_merge_model", "missing_vocab", "not_utf8",
+                                  "num_new_below_syllables", "no_num_new",
                                   "out_not_empty", "checkpoint_alone"])
 def test_bad_input_gets_one_clear_line(data, case, tmp_path, capsys):
     argv, message = bad_inputs(data["root"], data["base"])[case]

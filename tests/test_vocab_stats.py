@@ -15,6 +15,7 @@ from xllava_jax.tokenizer.stats import (
     format_table,
     token_scripts,
 )
+from xllava_jax.tokenizer.syllables import KSX1001_SYLLABLES
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,11 @@ def test_compute_stats_and_table(models):
     assert with_bytes["tokens_per_word"] == round(with_bytes["tokens"] / with_bytes["words"], 4)
     table = format_table(stats)
     assert "mixed.txt" in table and "hangul t/c" in table and str(models / "nobytes.model") in table
+    # How many of the 2,350 KS X 1001 syllables each tokenizer has as whole pieces.
+    sp = spm.SentencePieceProcessor(model_file=str(models / "bytes.model"))
+    whole = sum(sp.piece_to_id(s) != sp.unk_id() for s in KSX1001_SYLLABLES)
+    assert 0 < whole < 2350 and with_bytes["ksx1001_syllables"] == whole
+    assert "KS X 1001" in table and f"{whole}/2350" in table.splitlines()[3]
 
 
 def run_cli(argv):

@@ -1,7 +1,8 @@
 """A small, thread-safe client for OpenAI-compatible chat completion endpoints (stdlib only).
 
 `ChatClient.chat` POSTs `{api_base}/chat/completions`, retries rate limits (429, waiting the `Retry-After`
-seconds when given), server errors (5xx), connection errors and timeouts with exponential backoff
+seconds when given), server errors (5xx), malformed success bodies (a 200 that is not a chat completion, as
+proxies and overloaded servers send), connection errors and timeouts with exponential backoff
 (`backoff_s * 2**attempt`; every wait capped at `max_backoff_s`); other 4xx fail at once. It keeps an on-disk
 response cache (one JSON file per request, written atomically) and a cost budget. The API key is read from
 an environment variable, sent only in the `Authorization` header and never appears in errors or cache files.
@@ -192,7 +193,8 @@ class ChatClient:
         raise AssertionError("unreachable: the loop returns or raises")
 
     def _post_once(self, body: bytes) -> ChatReply:
-        """One HTTP attempt; raises _Retryable for 429/5xx/connection trouble and ApiError for the rest."""
+        """One HTTP attempt; raises _Retryable for 429/5xx/malformed bodies/connection trouble and ApiError for the
+        rest."""
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
@@ -215,14 +217,14 @@ class ChatClient:
         return self._parse(raw)
 
     def _parse(self, raw: bytes) -> ChatReply:
-        """A ChatReply from a chat.completion JSON body; ApiError when the body is not one."""
+        """A ChatReply from a chat.completion JSON body; _Retryable when the body is not one."""
         try:
             data = json.loads(raw.decode("utf-8"))
             choice = data["choices"][0]
             text = choice["message"].get("content") or ""
             finish = choice.get("finish_reason")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            raise self._fail(f"malformed chat completion: {raw[:120].decode('utf-8', errors='replace')}") from None
+            raise _Retryable(f"malformed chat completion: {raw[:120].decode('utf-8', errors='replace')}") from None
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
         return ChatReply(text=str(text), prompt_tokens=int(usage.get("prompt_tokens") or 0),
                          completion_tokens=int(usage.get("completion_tokens") or 0), cached=False,

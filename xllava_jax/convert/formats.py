@@ -183,9 +183,21 @@ def model_config_from_hf(config: dict[str, Any], fmt: str, vision: dict[str, Any
     raise ConfigError(f"no model config for layout {fmt!r}")
 
 
-def model_config_to_hf(cfg: ModelConfig, fmt: str, source: dict[str, Any] | None = None) -> dict[str, Any]:
+def _with_4x_spelling(d: dict[str, Any]) -> dict[str, Any]:
+    """A config dict that transformers 4.x reads too: `torch_dtype`, and RoPE as `rope_theta` / `rope_scaling`."""
+    out = {**d, "torch_dtype": d["dtype"]}
+    rope = d.get("rope_parameters")
+    if rope:
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        out.update(rope_theta=rope["rope_theta"], rope_scaling=None if scaling["rope_type"] == "default" else scaling)
+    return out
+
+
+def model_config_to_hf(cfg: ModelConfig, fmt: str, source: dict[str, Any] | None = None, *,
+                       transformers4: bool = False) -> dict[str, Any]:
     """ModelConfig -> config.json for layout `fmt`. Keys of `source` (the config we were converted
-    from, same layout) that we do not model are kept."""
+    from, same layout) that we do not model are kept. `transformers4` adds the spellings transformers 4.x
+    reads (hf-llava)."""
     dtype = cfg.param_dtype
     if fmt == "hf-llava":
         if cfg.vision is None:
@@ -205,6 +217,9 @@ def model_config_to_hf(cfg: ModelConfig, fmt: str, source: dict[str, Any] | None
         }
         for sub in ("text_config", "vision_config"):
             out[sub].pop("architectures")
+        if transformers4:
+            out = _with_4x_spelling({**out, "text_config": _with_4x_spelling(out["text_config"]),
+                                     "vision_config": _with_4x_spelling(out["vision_config"])})
     elif fmt == "llava":
         if cfg.vision is None:
             raise ConfigError("a text-only model cannot be written as LLaVA; use --format llama")

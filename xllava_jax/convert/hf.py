@@ -7,9 +7,14 @@ onto our parameter paths with a per-tensor transform. Writing runs the same tabl
 
 from __future__ import annotations
 
+import functools
 import re
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
+from safetensors import safe_open
 
 IGNORED = "<ignored>"
 
@@ -102,15 +107,29 @@ _READ_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
     "clip": (("vision_model.", "vision."), ("", "vision.")),
 }
 
-# Writing: canonical prefix -> checkpoint prefix, in the layout the installed transformers writes.
+# Writing: canonical prefix -> checkpoint prefix, per layout. The LLaVA layouts (`--layout`): what
+# transformers 5 (`hf5`), 4.52+ (`hf4_52`) and earlier 4.x (`hf4`) `save_pretrained` write for
+# LlavaForConditionalGeneration, and the original LLaVA release (`llava`: the LLM's names plus
+# `model.mm_projector`, the vision tower kept in a CLIP directory of its own).
 _WRITE_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
-    "hf-llava": (("text.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
-                 ("vision.", "vision_tower."), ("projector.", "multi_modal_projector.")),
-    "llava": (("text.", "model."), ("lm_head.", "lm_head."),
-              ("projector.linear_1.", "model.mm_projector.0."), ("projector.linear_2.", "model.mm_projector.2.")),
+    "hf5": (("text.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+            ("vision.", "vision_tower."), ("projector.", "multi_modal_projector.")),
+    "hf4_52": (("text.", "model.language_model."), ("lm_head.", "lm_head."),
+               ("vision.", "model.vision_tower.vision_model."), ("projector.", "model.multi_modal_projector.")),
+    "hf4": (("text.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+            ("vision.", "vision_tower.vision_model."), ("projector.", "multi_modal_projector.")),
+    "llava": (("text.", "model."), ("lm_head.", "lm_head.")),
     "llama": (("text.", "model."), ("lm_head.", "lm_head.")),
     "clip": (("vision.", ""),),
 }
+# The original release's projector: an nn.Sequential (`mlp2x_gelu`, Linear at 0 and 2) or a bare nn.Linear.
+_LLAVA_PROJECTOR: dict[str, tuple[tuple[str, str], ...]] = {
+    "mlp2x_gelu": (("projector.linear_1.", "model.mm_projector.0."), ("projector.linear_2.", "model.mm_projector.2.")),
+    "linear": (("projector.linear_1.", "model.mm_projector."),),
+}
+HF_LLAVA_LAYOUTS = ("hf5", "hf4_52", "hf4")
+# The reading format (`_READ_PREFIXES`) each layout belongs to.
+FORMAT_OF = {**dict.fromkeys(HF_LLAVA_LAYOUTS, "hf-llava"), "llava": "llava", "llama": "llama", "clip": "clip"}
 
 # Buffers and parts of other models that some checkpoints carry and no layout needs.
 _IGNORE = re.compile(
@@ -130,12 +149,58 @@ def to_canonical(key: str, fmt: str) -> str | None:
     return None
 
 
-def from_canonical(name: str, fmt: str) -> str:
-    """A canonical name -> the key that layout `fmt` writes."""
-    for canon, prefix in _WRITE_PREFIXES[fmt]:
+def from_canonical(name: str, layout: str, projector_type: str = "mlp2x_gelu") -> str:
+    """A canonical name -> the key that `layout` writes (`projector_type` picks the `llava` projector's names)."""
+    prefixes = _WRITE_PREFIXES[layout] + (_LLAVA_PROJECTOR[projector_type] if layout == "llava" else ())
+    for canon, prefix in prefixes:
         if name.startswith(canon):
             return prefix + name[len(canon):]
-    raise KeyError(f"layout {fmt!r} has no place for {name}")
+    raise KeyError(f"layout {layout!r} has no place for {name}")
+
+
+def layout_of(keys: Iterable[str], fmt: str, projector_type: str = "mlp2x_gelu") -> str | None:
+    """The layout of reading format `fmt` that writes every one of `keys` as it is (buffers and keys
+    of no layout aside), or None when none does."""
+    def writes(layout: str, key: str) -> bool:
+        canon = to_canonical(key, fmt)
+        try:
+            return canon in (None, IGNORED) or from_canonical(canon, layout, projector_type) == key
+        except KeyError:
+            return False
+
+    keys = list(keys)
+    return next((layout for layout, of in FORMAT_OF.items() if of == fmt and all(writes(layout, k) for k in keys)),
+                None)
+
+
+@functools.cache
+def installed_llava_layout() -> tuple[str | None, str]:
+    """The layout the installed transformers' `LlavaForConditionalGeneration.save_pretrained` writes, found
+    by saving a tiny one: (layout, how it was found); layout None without transformers and torch."""
+    try:
+        import transformers
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+        from transformers.utils import logging as hf_logging
+    except Exception:  # noqa: BLE001 - ImportError, or a torch that fails to load its libraries
+        return None, "transformers (with torch) is not installed here"
+    tiny = dict(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1)
+    config = LlavaConfig(text_config=LlamaConfig(vocab_size=8, **tiny),
+                         vision_config=CLIPVisionConfig(image_size=4, patch_size=2, **tiny), image_token_index=7)
+    keys: list[str] = []
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            LlavaForConditionalGeneration(config).save_pretrained(tmp)
+            for file in Path(tmp).glob("*.safetensors"):
+                with safe_open(str(file), framework="np") as f:
+                    keys += f.keys()
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    layout = layout_of(keys, "hf-llava")
+    found = f"what transformers {transformers.__version__} writes"
+    return layout, found if layout else f"transformers {transformers.__version__} writes keys of no known layout"
 
 
 def to_ours(array: np.ndarray, transform: str) -> np.ndarray:

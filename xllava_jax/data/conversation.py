@@ -11,10 +11,14 @@ Two tokenisation modes:
   evaluating a released checkpoint: `tokenizer_image_token(prompt)` with LLaMA's legacy slow
   tokenizer (text on each side of `<image>` and between special tokens tokenised as a fresh string,
   literal `<s>` / `</s>` as bos / eos). Labels mark the tokens that fall on answer characters.
+
+`chat_template` writes each template as a Jinja chat template for transformers' `apply_chat_template`.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 
 from xllava_jax.data.tokenizer import Tokenizer
@@ -55,12 +59,14 @@ class Encoded:
 
 
 def move_image_first(text: str) -> str:
-    """LLaVA's rule: `<image>` goes to the start of its turn, followed by a newline."""
+    """LLaVA's rule (preprocess_multimodal): `<image>` goes to the start of its turn, followed by a newline
+    and the rest of the turn stripped; a turn that is only `<image>` stays `<image>`, with no newline."""
     if IMAGE not in text:
         return text
     if text.count(IMAGE) > 1:
         raise ConversationError(f"a turn holds {text.count(IMAGE)} {IMAGE} tags; one image per sample is supported")
-    return IMAGE + "\n" + text.replace(IMAGE, "").strip()
+    rest = text.replace(IMAGE, "").strip()
+    return f"{IMAGE}\n{rest}" if rest else IMAGE
 
 
 def _split_image(text: str) -> list[Piece]:
@@ -90,10 +96,14 @@ def render(template: str, turns: list[tuple[str, str]], *, system: str | None = 
            generation: bool = False) -> list[Piece]:
     """Pieces of `turns` ((role, text) with role "human" / "gpt") under `template`.
 
-    generation=True renders a prompt that ends where the model starts answering.
+    generation=True renders a prompt that ends where the model starts answering. A training sample
+    (generation=False) whose first turn is the assistant's loses that turn, as LLaVA's preprocess_v1 /
+    preprocess_llama_2 skip a first turn that is not the human's (LLaVA's `plain` asserts instead).
     """
     if template not in TEMPLATES:
         raise ConversationError(f"unknown template {template!r}; choose one of {TEMPLATES}")
+    if not generation and turns and turns[0][0] == "gpt":
+        turns = turns[1:]
     _check_turns(turns, generation)
     system = DEFAULT_SYSTEM[template] if system is None else system
     turns = [(role, move_image_first(text) if role == "human" else text) for role, text in turns]
@@ -197,3 +207,82 @@ def _encode_llava(pieces, tok: Tokenizer, num_image_tokens: int, image_token_id:
         offset += len(chunk)
     return Encoded(ids, labels)
 
+
+# ------------------------------------------------------------------------------ chat templates
+CHAT_TEMPLATE_TAG = "xllava_jax chat template: "
+
+# One Jinja block per template: how a user turn, an assistant turn and the generation prompt are written.
+# `first` is true on the first user turn; `prefix` (see `chat_template`) opens the first text.
+_JINJA_TURNS = {
+    "llava_llama_2": (
+        "{%- if first -%}{{- prefix + '[INST] ' + ('<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' if system else '') -}}"
+        "{%- else -%}{{- bos_token + '[INST] ' -}}{%- endif -%}{{- text + ' [/INST]' -}}",
+        "{{- ' ' + text + ' ' + eos_token -}}",
+        ""),
+    "vicuna_v1": (
+        "{{- (prefix + system + ' ' if first else '') + 'USER: ' + text + ' ' -}}",
+        "{{- 'ASSISTANT: ' + text + eos_token -}}",
+        "{{- 'ASSISTANT:' -}}"),
+    "plain": (
+        "{%- if first -%}{%- if not has_image -%}{{- raise_exception('the plain template needs an image in the "
+        "first user turn') -}}{%- endif -%}{{- '<image>' -}}{%- endif -%}",
+        "{%- if loop.index0 == 1 -%}{{- text + '\\n' -}}{%- endif -%}",
+        ""),
+}
+
+_JINJA = """{#- @tag@ (system prompt: default_system, or the system messages) -#}
+{%- set default_system = @default@ -%}
+{%- set prefix = @prefix@ -%}
+{%- macro text_of(content) -%}
+{%- if content is string -%}{{- content -}}
+{%- else -%}{{- content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\\n') -}}{%- endif -%}
+{%- endmacro -%}
+{%- set ns = namespace(system=none) -%}
+{%- for message in messages if message.role == 'system' -%}
+{%- set ns.system = text_of(message.content) if ns.system is none else ns.system + '\\n' + text_of(message.content) -%}
+{%- endfor -%}
+{%- set system = default_system if ns.system is none else ns.system -%}
+{{- bos_token -}}
+{%- for message in messages if message.role != 'system' -%}
+{%- if (message.role == 'user') != (loop.index0 % 2 == 0) -%}
+{{- raise_exception('roles must alternate user, assistant, user, ... after the system messages') -}}
+{%- endif -%}
+{%- set text = text_of(message.content) -%}
+{%- set has_image = message.content is not string and
+                    message.content | selectattr('type', 'equalto', 'image') | list | length > 0 -%}
+{%- set first = loop.first -%}
+{%- if message.role == 'user' -%}
+{%- if has_image or '<image>' in text -%}
+{%- set has_image = true -%}
+{%- set rest = text.replace('<image>', '') | trim -%}
+{%- set text = '<image>\\n' + rest if rest else '<image>' -%}
+{%- endif -%}
+@user@
+{%- else -%}
+@assistant@
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}@generation@{%- endif -%}"""
+
+
+def chat_template(template: str, system: str | None = None, mode: str = "clean") -> str:
+    """A Jinja chat template (transformers' `apply_chat_template`) that writes conversations as `render`
+    does: messages {"role": "system" | "user" | "assistant", "content": str | [{"type": "text", "text"},
+    {"type": "image"}]}; system messages replace `system` (default: the template's); an image becomes
+    `<image>` at the start of its turn, as HF LLaVA processors expect it.
+
+    It opens with the bos token (transformers tokenizes rendered chats without adding special tokens). With
+    the tokenizer's `legacy` set for `mode` its ids are `encode`'s: `legacy: true` (`llava`) puts
+    SentencePiece's dummy prefix before every text after a special token, as `llava` mode does;
+    `legacy: false` (`clean`) before none, so for `clean` the template spells out the first text's prefix
+    as a space."""
+    if template not in TEMPLATES:
+        raise ConversationError(f"unknown template {template!r}; choose one of {TEMPLATES}")
+    if mode not in MODES:
+        raise ConversationError(f"unknown tokenisation mode {mode!r}; choose one of {MODES}")
+    user, assistant, generation = _JINJA_TURNS[template]
+    system = DEFAULT_SYSTEM[template] if system is None else system
+    parts = {"tag": CHAT_TEMPLATE_TAG + template, "default": json.dumps(system, ensure_ascii=False),
+             "prefix": "' '" if mode == "clean" else "''", "user": user, "assistant": assistant,
+             "generation": generation}
+    return re.sub(r"@(\w+)@", lambda m: parts[m[1]], _JINJA)  # one pass: inserted text is not scanned again

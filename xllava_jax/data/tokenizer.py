@@ -80,7 +80,10 @@ class Tokenizer:
         return out
 
     def decode(self, ids) -> str:
-        return self.sp.decode([int(i) for i in ids])
+        """Text of `ids`; ids the SentencePiece model lacks (the image placeholder a sampler may draw, vocabulary
+        padding) decode to nothing, as HF's `decode(..., skip_special_tokens=True)` drops them."""
+        size = self.vocab_size
+        return self.sp.decode([int(i) for i in ids if 0 <= int(i) < size])
 
     def piece(self, token_id: int) -> str:
         return self.sp.id_to_piece(int(token_id))

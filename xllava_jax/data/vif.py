@@ -74,11 +74,13 @@ def _structure_problem(raw: object) -> tuple[str | None, str | None]:
     if image is not None and (not isinstance(image, str) or not image.strip()):
         return ident, "image is not a non-empty string"
     tags = 0
+    # LLaVA's templates skip a first turn that is not the human's; the rest must alternate from the human.
+    skip = int(isinstance(convs[0], dict) and ROLES.get(convs[0].get("from")) == "gpt")
     for i, turn in enumerate(convs):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             return ident, f"turn {i} has no text value"
         role = ROLES.get(turn.get("from"))
-        want = "human" if i % 2 == 0 else "gpt"
+        want = "human" if (i - skip) % 2 == 0 else "gpt"
         if role is None:
             return ident, f"turn {i} has unknown role {turn.get('from')!r}"
         if role != want:
@@ -88,7 +90,9 @@ def _structure_problem(raw: object) -> tuple[str | None, str | None]:
         if role == "gpt" and IMAGE_TAG in turn["value"]:
             return ident, f"turn {i} (gpt) holds {IMAGE_TAG}"
         tags += turn["value"].count(IMAGE_TAG)
-    if len(convs) % 2:
+    if len(convs) == skip:
+        return ident, "no human turn"
+    if (len(convs) - skip) % 2:
         return ident, "the last turn is not an answer (gpt)"
     if tags and image is None:
         return ident, f"{IMAGE_TAG} without an image"

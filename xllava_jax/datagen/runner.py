@@ -11,7 +11,6 @@ on the next run).
 from __future__ import annotations
 
 import json
-import os
 import queue
 import threading
 from collections import Counter
@@ -23,6 +22,7 @@ from tqdm import tqdm
 
 from xllava_jax.api.client import BudgetExceeded
 from xllava_jax.datagen.sources import DatagenError
+from xllava_jax.jsonl import JournalError, read_journal
 
 ACCEPTED, REJECTED, API_ERROR, DROPPED = "accepted", "rejected", "api_error", "dropped"
 
@@ -40,31 +40,11 @@ class Journal:
         """(records, warning): every complete line, in order. An unterminated final line (a crash mid-write)
         is removed from the file and reported in `warning`; any other bad line raises DatagenError."""
         try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return [], None
-        except OSError as e:
-            raise DatagenError(f"{self.path}: cannot read ({e.strerror or e})") from None
-        warning = None
-        if data and not data.endswith(b"\n"):
-            cut = data.rfind(b"\n") + 1
-            line = data[:cut].count(b"\n") + 1
-            warning = (f"{self.path}:{line}: dropped an unterminated last line ({len(data) - cut} bytes, "
-                       f"an interrupted write); its work item will be redone")
-            data = data[:cut]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, self.path)
-        records = []
-        for number, line in enumerate(data.split(b"\n")[:-1], start=1):
-            try:
-                record = json.loads(line.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise DatagenError(f"{self.path}:{number}: not a JSON line ({e}); fix or remove it") from None
-            if not isinstance(record, dict) or not isinstance(record.get("key"), str):
-                raise DatagenError(f"{self.path}:{number}: record without a key; fix or remove it")
-            records.append(record)
-        return records, warning
+            records, warning = read_journal(
+                self.path, check=lambda record: None if isinstance(record.get("key"), str) else "record without a key")
+        except JournalError as e:
+            raise DatagenError(str(e)) from None
+        return records, warning and f"{warning}; its work item will be redone"
 
     def append(self, record: dict) -> bool:
         """Write one record as one line and flush; False (nothing written) once the journal is closed."""
@@ -120,6 +100,7 @@ def run_parallel(items: Iterable, work: Callable[[object], str], *, total: int, 
     """Call `work(item)` (returns an outcome name: accepted, rejected, api_error, dropped) on every item, in up to
     `concurrency` threads. Stops submitting on BudgetExceeded (waits for calls in flight), after
     `max_consecutive_errors` api_error outcomes in a row, or on Ctrl-C (closes `journals` at once and returns).
+    A run that ends with any api_error outcome is `stopped` "errors" too (its items are left for a rerun).
     Any other exception of a work call is raised after the calls in flight have ended."""
     if concurrency < 1:
         raise DatagenError(f"concurrency {concurrency}: must be >= 1")
@@ -178,4 +159,8 @@ def run_parallel(items: Iterable, work: Callable[[object], str], *, total: int, 
             todo.put(None)
     if failure is not None and result.stopped != "interrupted":
         raise failure
+    if result.stopped is None and result.outcomes[API_ERROR]:  # items left undone: the run did not succeed
+        result.stopped = "errors"
+        result.message = (f"{result.outcomes[API_ERROR]} of {sum(result.outcomes.values())} requests failed at the "
+                          "endpoint (see rejected.jsonl)")
     return result

@@ -189,9 +189,16 @@ def translate(settings: TranslateSettings) -> Finished:
     except ValueError as e:
         raise DatagenError(str(e)) from None
     settings.check_counts()
+    if settings.max_records is not None and settings.max_records < 1:
+        raise DatagenError(f"--max-records {settings.max_records}: must be >= 1")
     jobs, problems = _jobs(settings)
+    if not jobs:
+        why = f"{len(problems)} unusable, the first: {problems[0]}" if problems else "no records"
+        raise DatagenError(f"{settings.src}: no record to translate ({why})")
     for problem in problems[:MAX_PROBLEMS_SHOWN]:
         print(f"skipped {problem}", file=sys.stderr)
+    if len(problems) > MAX_PROBLEMS_SHOWN:
+        print(f"... and {len(problems) - MAX_PROBLEMS_SHOWN} more skipped source records", file=sys.stderr)
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     identity = {"src": str(Path(settings.src).resolve()), "source_lang": settings.source_lang,

@@ -8,6 +8,7 @@ import json
 EXAMPLES = """examples:
   xllava demo                          # everything, into demo_out/ (about 17 minutes on 2 CPU cores)
   xllava demo --out runs/demo          # rerun the same command after an interruption: finished steps are skipped
+  xllava demo --smoke --out runs/demo  # a later run with other settings in runs/demo redoes the steps they change
   xllava demo --ablation               # also the paper's Table 2 variants (about 3x longer)
 """
 
@@ -21,7 +22,9 @@ def add_demo_parser(subparsers) -> None:
                     "contrastively, train the three X-LLaVA stages (llm_pretrain, align, vif; vif starts on short "
                     "colour and shape questions, then adds position and yes/no questions, then the four task types), "
                     "evaluate on the held-out split in English and Korean, and write OUT/report/report.md + "
-                    "report.png. Finished steps are skipped, so rerunning resumes.")
+                    "report.png. Each step records the settings that made its outputs: a rerun skips the steps "
+                    "finished with the same settings and resumes an interrupted one, and redoes a step made with "
+                    "other settings (a --smoke run's, say) and everything after it.")
     p.add_argument("--out", default="demo_out", help="output directory (default: %(default)s)")
     p.add_argument("--ablation", action="store_true",
                    help="also train without vocabulary expansion, without LLM pretraining and without the "

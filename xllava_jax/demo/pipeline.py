@@ -12,14 +12,18 @@
   7 eval         `xllava eval run` + `xllava eval score --benchmark synth_vqa` on the held-out split, EN and KO
   8 report       report.md + report.png: loss curves, vocabulary statistics, accuracy vs baselines, examples
 
-A step whose output exists is skipped, and the training stages resume from their checkpoints, so rerunning
-the same command after an interruption goes on where it stopped. Variants (`--ablation`) drop the vocabulary
-expansion, the LLM pretraining or the generated four-task data, as the paper's Table 2 does.
+Every step records, next to its outputs, the settings that made them (its own and those of the steps it consumes;
+see `records.py`). A step recorded as finished with the run's settings is skipped; one made with other settings (a
+`--smoke` run's, say) is redone from scratch, and so is everything downstream. A step killed midway starts again,
+except the training stages, which resume from their checkpoints, and the evaluation, which keeps the answers it
+wrote: rerunning the same command after an interruption goes on where it stopped. Variants (`--ablation`) drop the
+vocabulary expansion, the LLM pretraining or the generated four-task data, as the paper's Table 2 does.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import time
@@ -30,11 +34,14 @@ from pathlib import Path
 import sentencepiece as spm
 
 from xllava_jax.config import ModelConfig
+from xllava_jax.demo.records import Settings, StepRecord
 from xllava_jax.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TASKS_GENERATED = ("object", "location", "atmosphere")  # the mvif-style tasks; "conversation" stands for LLaVA-Instruct
 STAGES = ("llm_pretrain", "align", "vif_attributes", "vif_positions", "vif")  # every training stage, in order
+STAGE_STEPS = {"llm_pretrain": "pretrain_steps", "align": "align_steps", "vif_attributes": "attribute_steps",
+               "vif_positions": "position_steps", "vif": "vif_steps"}  # the DemoSettings field of each stage's steps
 # The curriculum's short-question stages: the question kinds of vif_short_{en,ko}.json each one trains on.
 SHORT_STAGES = {"vif_attributes": ("colour", "binding_shape", "shape"),
                 "vif_positions": ("colour", "binding_shape", "shape", "position", "binding_position", "yes_no")}
@@ -69,6 +76,11 @@ class DemoSettings:
         return cls(images=40, heldout=8, text_lines=200, base_vocab=400, korean_pieces=100, clip_steps=3,
                    clip_batch=16, pretrain_steps=2, align_steps=2, attribute_steps=2, position_steps=2, vif_steps=2,
                    eval_batch=8, examples=2)
+
+
+# The presets as the redo message names them: what a record matching one was made with (the seed is set apart).
+PRESETS = {name: {key: value for key, value in dataclasses.asdict(preset).items() if key != "seed"}
+           for name, preset in (("smoke", DemoSettings.smoke()), ("default", DemoSettings()))}
 
 
 @dataclass(frozen=True)
@@ -111,30 +123,64 @@ class Demo:
         work()
         self.timings[name] = round(time.perf_counter() - start, 1)
 
+    def step_settings(self, step: str, variant: Variant | None = None) -> Settings:
+        """The settings that make `step`'s outputs ({step: {field: value}}): its own DemoSettings fields and those
+        of every step it consumes. A training stage consumes the corpus, the tokenizers, the vision tower (all but
+        llm_pretrain) and the variant's stage before it; `eval` the variant's last stage."""
+        s = dataclasses.asdict(self.settings)
+
+        def own(*fields: str) -> dict:
+            return {field: s[field] for field in fields}
+
+        if step == "synth":
+            return {"synth": own("seed", "images", "heldout", "text_lines")}
+        if step == "tokenizers":
+            return {**self.step_settings("synth"), "tokenizers": own("base_vocab", "korean_pieces")}
+        if step == "vision":
+            return {**self.step_settings("tokenizers"), "vision": own("seed", "clip_steps", "clip_batch")}
+        stages = self.stages(variant)
+        if step == "eval":
+            return {**self.step_settings(stages[-1], variant), "eval": own("eval_batch")}
+        before = stages[: stages.index(step)]
+        return {**self.step_settings("tokenizers" if step == "llm_pretrain" else "vision"),
+                **(self.step_settings(before[-1], variant) if before else {}),
+                step: {**own("seed", STAGE_STEPS[step]), **dataclasses.asdict(variant)}}
+
+    def run_step(self, record: StepRecord, work: Callable[[], object], *, resumable: bool = False) -> None:
+        """Run `work()` unless `record` says it finished with these settings: its stale outputs are removed first
+        (kept when `resumable` and an interrupted run with these settings made them), and the record is marked
+        complete once it returns."""
+        if record.done():
+            return
+        record.start(self.log, PRESETS, resumable=resumable)
+        work()
+        record.finish()
+
     def synth(self) -> None:
         from xllava_jax.data.synthetic import synthesize
 
-        if all((self.data / name).exists() for name in ("summary.json", "vif_short_en.json", "vif_short_ko.json")):
-            return
-        if self.data.exists():
-            shutil.rmtree(self.data)  # an interrupted synthesis, or one from before vif_short: start it again
-        s = self.settings
-        self.log("1/8 synthetic corpus")
-        synthesize(self.data, seed=s.seed, num_images=s.images, num_heldout=s.heldout,
-                   image_size=ModelConfig.demo().vision.image_size,
-                   text_lines=s.text_lines, progress=True)
+        def work() -> None:
+            s = self.settings
+            self.log("1/8 synthetic corpus")
+            synthesize(self.data, seed=s.seed, num_images=s.images, num_heldout=s.heldout,
+                       image_size=ModelConfig.demo().vision.image_size, text_lines=s.text_lines, progress=True)
+
+        products = [self.data / name for name in ("summary.json", "vif_short_en.json", "vif_short_ko.json")]
+        self.run_step(StepRecord("synth", self.out / "shared" / "synth.settings.json", self.step_settings("synth"),
+                                 [self.data], products), work)
 
     def tokenizers(self) -> None:
+        shared = self.out / "shared"
+        outputs = [self.base_tok, self.expanded_tok, shared / "vocab_stats.json",
+                   *(shared / f"tokenizer_text_{lang}.txt" for lang in ("en", "ko"))]
+        self.run_step(StepRecord("tokenizers", shared / "tokenizers.settings.json", self.step_settings("tokenizers"),
+                                 outputs), self._train_tokenizers)
+
+    def _train_tokenizers(self) -> None:
         from xllava_jax.tokenizer.expand import expand_tokenizer
         from xllava_jax.tokenizer.stats import compute_stats, format_table
 
-        stats_file = self.out / "shared" / "vocab_stats.json"
-        if stats_file.exists():
-            return
         self.log("2/8 tokenizers: a base trained on English, expanded with Korean pieces")
-        for d in (self.base_tok, self.expanded_tok):
-            if d.exists():
-                shutil.rmtree(d)
         self.base_tok.mkdir(parents=True)
         english, korean = (self._tokenizer_text(lang) for lang in ("en", "ko"))
         spm.SentencePieceTrainer.train(
@@ -142,12 +188,13 @@ class Demo:
             vocab_size=self.settings.base_vocab, byte_fallback=True, split_digits=True, character_coverage=1.0,
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
             remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, minloglevel=2)
+        # A toy vocabulary: the 2,350 KS X 1001 syllables would dwarf its few hundred Korean pieces.
         expand_tokenizer(self.base_tok / "tokenizer.model", self.expanded_tok,
-                         train_corpus=[korean], num_new=self.settings.korean_pieces)
+                         train_corpus=[korean], num_new=self.settings.korean_pieces, syllable_coverage=False)
         stats = compute_stats([self.base_tok / "tokenizer.model", self.expanded_tok / "tokenizer.model"],
                               [self.data / "text_en.txt", self.data / "text_ko.txt"])
         self.log(format_table(stats))
-        stats_file.write_text(json.dumps(stats, indent=1) + "\n")
+        (self.out / "shared" / "vocab_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
 
     def _tokenizer_text(self, lang: str) -> Path:
         """The text a tokenizer is trained on: the language's pretraining text and its instruction records as
@@ -168,21 +215,22 @@ class Demo:
         return path
 
     def vision_tower(self) -> None:
-        from xllava_jax.checkpoint import is_checkpoint
         from xllava_jax.demo.vision import pretrain_clip
         from xllava_jax.train.contrastive import ContrastiveConfig
 
-        if is_checkpoint(self.vision):
-            return
-        if self.vision.exists():
-            shutil.rmtree(self.vision)
-        self.log("3/8 contrastive pretraining of the vision tower")
-        s = self.settings
-        history = pretrain_clip(self.data, self.expanded_tok, ModelConfig.demo().vision, self.vision,
-                                cfg=ContrastiveConfig(steps=s.clip_steps, batch_size=s.clip_batch, seed=s.seed),
-                                progress=True)
-        with open(self.out / "shared" / "clip_metrics.jsonl", "w") as f:
-            f.writelines(json.dumps(h) + "\n" for h in history)
+        metrics = self.out / "shared" / "clip_metrics.jsonl"
+
+        def work() -> None:
+            self.log("3/8 contrastive pretraining of the vision tower")
+            s = self.settings
+            history = pretrain_clip(self.data, self.expanded_tok, ModelConfig.demo().vision, self.vision,
+                                    cfg=ContrastiveConfig(steps=s.clip_steps, batch_size=s.clip_batch, seed=s.seed),
+                                    progress=True)
+            with open(metrics, "w") as f:
+                f.writelines(json.dumps(h) + "\n" for h in history)
+
+        self.run_step(StepRecord("vision", self.out / "shared" / "vision.settings.json", self.step_settings("vision"),
+                                 [self.vision, metrics]), work)
 
     # ------------------------------------------------------------------------------ per variant
     def stage_config(self, stage: str, variant: Variant, init: str):
@@ -212,7 +260,8 @@ class Demo:
     def _longest_sample(cfg) -> int:
         """Tokens in the longest record of `cfg`'s corpus as the trainer encodes it (image slots included)."""
         from xllava_jax.data.pipeline import VifSpec, encode_record, load_records
-        from xllava_jax.train.trainer import system_prompt, tokenizer_path
+        from xllava_jax.train.setup import tokenizer_path
+        from xllava_jax.train.trainer import system_prompt
 
         model = ModelConfig.demo()
         spec = VifSpec(tokenizer=tokenizer_path(cfg), num_image_tokens=model.num_image_tokens,
@@ -226,23 +275,20 @@ class Demo:
         vif_short_{en,ko}.json; those of the conversation task alone for a variant without generated data."""
         name = f"{stage}_train.json" if variant.generated_data else f"{stage}_conversation_only.json"
         path = self.out / "shared" / name
-        if not path.exists():
-            source = "vif" if stage == "vif" else "vif_short"
-            records = []
-            for lang in ("en", "ko"):
-                records += json.loads((self.data / f"{source}_{lang}.json").read_text(encoding="utf-8"))
-            if stage in SHORT_STAGES:
-                records = [r for r in records if r["kind"] in SHORT_STAGES[stage]]
-            if not variant.generated_data:
-                records = [r for r in records if r["task"] not in TASKS_GENERATED]
-            path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+        source = "vif" if stage == "vif" else "vif_short"
+        records = []
+        for lang in ("en", "ko"):
+            records += json.loads((self.data / f"{source}_{lang}.json").read_text(encoding="utf-8"))
+        if stage in SHORT_STAGES:
+            records = [r for r in records if r["kind"] in SHORT_STAGES[stage]]
+        if not variant.generated_data:
+            records = [r for r in records if r["task"] not in TASKS_GENERATED]
+        path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")  # always: the corpus may be new
         return path
 
     def _steps(self, stage: str) -> int:
         """The settings' step count for `stage` (one of STAGES)."""
-        s = self.settings
-        return {"llm_pretrain": s.pretrain_steps, "align": s.align_steps, "vif_attributes": s.attribute_steps,
-                "vif_positions": s.position_steps, "vif": s.vif_steps}[stage]
+        return getattr(self.settings, STAGE_STEPS[stage])
 
     def stages(self, variant: Variant) -> list[str]:
         """The variant's training stages in order; a short-question stage set to 0 steps is left out."""
@@ -250,23 +296,34 @@ class Demo:
                 and (stage not in SHORT_STAGES or self._steps(stage) > 0)]
 
     def train_variant(self, variant: Variant) -> Path:
-        """Run the variant's stages; returns its final checkpoint."""
-        from xllava_jax.checkpoint import is_checkpoint
-        from xllava_jax.train.trainer import train
-
+        """Run the variant's stages (a stage left out by these settings loses the workdir another run left);
+        returns its final checkpoint."""
         root = self.out / _slug(variant)
         init = ""
         number = {"llm_pretrain": 4, "align": 5}  # the vif parts are all step 6
         what = {"vif_attributes": "vif: colour and shape questions alone",
                 "vif_positions": "vif: colour, shape, position and yes/no questions", "vif": "vif: the four task types"}
-        for stage in self.stages(variant):
+        stages = self.stages(variant)
+        for stage in (s for s in STAGES if s not in stages and (root / s).exists()):
+            self.log(f"removing {stage} ({variant.name}): these settings leave the stage out")
+            shutil.rmtree(root / stage)
+            (root / f"{stage}.settings.json").unlink(missing_ok=True)
+        for stage in stages:
             workdir = root / stage
-            final = workdir / "final"
-            if not is_checkpoint(final):
-                self.log(f"{number.get(stage, 6)}/8 {what.get(stage, stage)} ({variant.name})")
-                train(self.stage_config(stage, variant, init), workdir)
-            init = str(final)
+            record = StepRecord(f"{stage} ({variant.name})", root / f"{stage}.settings.json",
+                                self.step_settings(stage, variant), [workdir])
+            title = f"{number.get(stage, 6)}/8 {what.get(stage, stage)} ({variant.name})"
+            # resumable: the trainer goes on from the checkpoints of an interrupted run with these settings
+            self.run_step(record, functools.partial(self._train_stage, title, stage, variant, init, workdir),
+                          resumable=True)
+            init = str(workdir / "final")
         return Path(init)
+
+    def _train_stage(self, title: str, stage: str, variant: Variant, init: str, workdir: Path) -> None:
+        from xllava_jax.train.trainer import train
+
+        self.log(title)
+        train(self.stage_config(stage, variant, init), workdir)
 
     def evaluate(self, variant: Variant, ckpt: Path) -> dict:
         from xllava_jax.eval.runner import RunOptions, run_eval
@@ -276,24 +333,29 @@ class Demo:
 
         root = self.out / _slug(variant) / "eval"
         scores_file = root / "scores.json"
-        if scores_file.exists():
-            return json.loads(scores_file.read_text())
-        self.log(f"7/8 evaluation on the held-out split ({variant.name})")
-        engine = Engine.load(ckpt, model_id=_slug(variant))
-        scores = {}
-        for lang in ("en", "ko"):
-            questions = self.data / f"vqa_heldout_{lang}.jsonl"
-            opts = RunOptions(benchmark="synth_vqa", ckpt=ckpt, data=questions, out=root / lang, image_root=self.data,
-                              batch_size=self.settings.eval_batch, max_new_tokens=8)
-            summary = run_eval(opts, engine=engine, process=(0, 1))
-            scores[lang] = score(ScoreRequest("synth_vqa", Path(summary["answers"]), questions=questions))
-        scores_file.write_text(json.dumps(scores, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        return scores
+
+        def work() -> None:
+            self.log(f"7/8 evaluation on the held-out split ({variant.name})")
+            engine = Engine.load(ckpt, model_id=_slug(variant))
+            scores = {}
+            for lang in ("en", "ko"):
+                questions = self.data / f"vqa_heldout_{lang}.jsonl"
+                opts = RunOptions(benchmark="synth_vqa", ckpt=ckpt, data=questions, out=root / lang,
+                                  image_root=self.data, batch_size=self.settings.eval_batch, max_new_tokens=8)
+                summary = run_eval(opts, engine=engine, process=(0, 1))
+                scores[lang] = score(ScoreRequest("synth_vqa", Path(summary["answers"]), questions=questions))
+            scores_file.write_text(json.dumps(scores, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+        record = StepRecord(f"eval ({variant.name})", root.with_name("eval.settings.json"),
+                            self.step_settings("eval", variant), [root], [scores_file])
+        self.run_step(record, work, resumable=True)  # answers an interrupted run wrote are kept (run_eval skips them)
+        return json.loads(scores_file.read_text())
 
 
 def run_demo(out: str | Path, settings: DemoSettings | None = None, *, ablation: bool = False,
              log: Callable[[str], None] = print) -> dict:
-    """Run every step (skipping finished ones) and write the report; returns {variant name: scores}."""
+    """Run every step (skipping those finished with these settings, redoing those made with others) and write the
+    report; returns {"report": path, "results": {variant name: result}, "timings": {step: seconds}}."""
     from xllava_jax.demo.report import write_ablation, write_report
 
     demo = Demo(out, settings or DemoSettings(), log)

@@ -26,7 +26,15 @@ LANG_NAMES = {"en": "English", "ko": "Korean"}
 
 
 def _hangul_font() -> str | None:
-    """A font family that has Hangul glyphs, when the machine has one (matplotlib's default has none)."""
+    """A font family that has Hangul glyphs (matplotlib's default has none): Noto Sans KR from the
+    pylopdf-fonts-ko requirement, else one the machine has, else None."""
+    try:
+        from pylopdf_fonts_ko import sans_path
+    except ImportError:  # an environment installed before setup.py required it
+        pass
+    else:
+        font_manager.fontManager.addfont(str(sans_path()))
+        return font_manager.FontProperties(fname=sans_path()).get_name()
     for font in font_manager.fontManager.ttflist:
         if any(key in font.name for key in ("Noto Sans CJK", "Noto Sans KR", "NanumGothic", "Malgun", "AppleGothic",
                                              "UnDotum", "Baekmuk")):
@@ -119,6 +127,9 @@ def _plot(demo: Demo, variant_dir: str, rows: list[dict], examples: list[dict], 
     font = _hangul_font()
     if font:
         plt.rcParams["font.family"] = [font, "DejaVu Sans"]
+    else:
+        demo.log('report.png: no font with Hangul (pip install -e . installs one, or apt-get install fonts-nanum); '
+                 "its examples show the English answers only")
     n_ex = len(examples)
     fig = plt.figure(figsize=(16, 9 + 3.2 * ((n_ex + 1) // 2)))
     grid = fig.add_gridspec(2 + (n_ex + 1) // 2, 4, height_ratios=[3, 3] + [3.2] * ((n_ex + 1) // 2))

@@ -5,8 +5,10 @@ Per question the judge reads the image's caption context (`--context`, LLaVA-Ben
 image) and, with `--image-root`, the image itself; then the question, the reference answer as Assistant 1 and
 our answer as Assistant 2, and LLaVA's rule prompt asking for two 1-10 scores on the first line. The relative
 score of a category (and overall) is 100 * mean(our scores) / mean(reference scores). A reply whose first
-line holds no score pair is asked again once with a note; if it still fails the question counts as `failed`
-and is listed, never averaged in. K-LLaVA-W gives the judge the same rules in Korean.
+line holds no score pair is asked again once with a note; if it still fails, or the endpoint fails for good (after
+retries), the question counts as `failed`: listed in `failed_ids` with its reason in the reviews file, never
+averaged in, and asked again on a rerun (answered questions come from the cache). K-LLaVA-W gives the judge the
+same rules in Korean.
 """
 
 from __future__ import annotations
@@ -19,7 +21,15 @@ from pathlib import Path
 
 from xllava_jax.api.client import ChatClient
 from xllava_jax.errors import UserError
-from xllava_jax.eval.judging import by_question_id, image_for, judge_client, read_jsonl, run_parallel, warn_unjudged
+from xllava_jax.eval.judging import (
+    CallFailed,
+    by_question_id,
+    image_for,
+    judge_client,
+    read_jsonl,
+    run_parallel,
+    warn_unjudged,
+)
 
 JUDGE_TEMPERATURE = 0.2  # LLaVA's setting
 JUDGE_MAX_TOKENS = 1024
@@ -63,6 +73,7 @@ _TEXT = {
     },
 }
 BENCHMARK_LANG = {"llava_bench": "en", "kllava_w": "ko"}
+UNPARSEABLE = "no score pair on the first line of the judge's reply (asked twice)"
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 _ROLE_LABEL = re.compile(r"(?:assistant|어시스턴트)\s*[12]", re.IGNORECASE)
 
@@ -160,30 +171,37 @@ def score_llava_bench(args: argparse.Namespace) -> dict:
         raise UserError(f"{args.context}: no caption for the image of question(s) {', '.join(uncaptioned[:10])}")
     client = judge_client(args, getattr(args, "judge_model", None) or "gpt-4-0613")
 
+    def review(qid: str, scores: tuple[float, float] | None, content: str, error: str | None) -> dict:
+        """One line of the reviews file (LLaVA's layout, plus `failed` and `error`)."""
+        return {"question_id": questions[qid]["question_id"], "category": str(questions[qid].get("category", "all")),
+                "answer1_id": references[qid].get("answer_id", qid), "answer2_id": answers[qid].get("answer_id", qid),
+                "tuple": list(scores) if scores else [-1, -1], "content": content, "failed": scores is None,
+                "error": error}
+
     def judge(qid: str) -> dict:
         q = questions[qid]
         caption = context.get(q.get("image"))
         text = review_prompt(lang, q["text"], references[qid]["text"], answers[qid]["text"], caption,
                              bool(image_root))
         content = [image_for(q, image_root, args.questions)] if image_root else []
-        scores, review = review_one(client, lang, [*content, {"type": "text", "text": text}])
-        return {"question_id": q["question_id"], "category": str(q.get("category", "all")),
-                "answer1_id": references[qid].get("answer_id", qid), "answer2_id": answers[qid].get("answer_id", qid),
-                "tuple": list(scores) if scores else [-1, -1], "content": review, "failed": scores is None}
+        scores, reply = review_one(client, lang, [*content, {"type": "text", "text": text}])
+        return review(qid, scores, reply, None if scores else UNPARSEABLE)
 
     concurrency = getattr(args, "concurrency", None)
-    reviews = run_parallel(judge, todo, 4 if concurrency is None else concurrency, f"judging {args.benchmark}")
+    results = run_parallel(judge, todo, 4 if concurrency is None else concurrency, f"judging {args.benchmark}")
+    reviews = [review(qid, None, "", r.reason) if isinstance(r, CallFailed) else r for qid, r in zip(todo, results)]
     judged = [r for r in reviews if not r["failed"]]
-    failed_ids = [r["question_id"] for r in reviews if r["failed"]]
+    failed = [r for r in reviews if r["failed"]]
     if getattr(args, "out", None):
         path = Path(args.out).with_name(Path(args.out).stem + "_reviews.jsonl")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in reviews), encoding="utf-8")
     warn_unjudged("with no answer", missing_answers)
     warn_unjudged("with no reference answer", missing_references)
-    warn_unjudged("with no parseable judge scores", failed_ids)
+    warn_unjudged("whose judging failed", [r["question_id"] for r in failed], failed[0]["error"] if failed else None)
     if not judged:
-        raise UserError(f"{args.answers}: the judge gave no parseable scores for any of {len(reviews)} questions")
+        raise UserError(f"{args.answers}: no question could be judged ({len(reviews)} tried); the first failure: "
+                        f"{failed[0]['error']}")
     overall = relative_scores([tuple(r["tuple"]) for r in judged])
     categories = sorted({r["category"] for r in judged})
     per_category = {c: relative_scores([tuple(r["tuple"]) for r in judged if r["category"] == c])
@@ -193,5 +211,5 @@ def score_llava_bench(args: argparse.Namespace) -> dict:
             "accuracy": overall["relative"], "reference_mean": overall["reference_mean"],
             "answer_mean": overall["answer_mean"], "per_category": per_category,
             "judge_model": client.model, "model_id": model_ids[0] if len(model_ids) == 1 else model_ids or None,
-            "usage": asdict(client.usage), "failed": len(failed_ids), "failed_ids": failed_ids,
+            "usage": asdict(client.usage), "failed": len(failed), "failed_ids": [r["question_id"] for r in failed],
             "missing_answers": missing_answers, "missing_references": missing_references}

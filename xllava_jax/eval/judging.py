@@ -1,25 +1,42 @@
 """What the LLM-judged evaluations share: strict JSONL reading, matching lines by question id, the judge
-client built from command-line settings, images as data URLs, and a bounded thread pool with a progress bar."""
+client built from command-line settings (endpoint, timeout, retries), images as data URLs, and a bounded thread
+pool with a progress bar in which a judge call that fails for good marks its item failed instead of ending the run.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from tqdm import tqdm
 
-from xllava_jax.api.client import ChatClient, image_part
+from xllava_jax.api.client import ApiError, ChatClient, image_part
 from xllava_jax.data.vif import PathEscapeError, resolve_image
 from xllava_jax.errors import UserError
 
 T = TypeVar("T")
 R = TypeVar("R")
 DEFAULT_CACHE_DIR = "~/.cache/xllava/judge"
+EXIT_SOME_FAILED = 3
+EXIT_STATUS_HELP = f"""exit status: 0 all judged; 2 bad input, or nothing could be judged; {EXIT_SOME_FAILED} finished
+and the figures written, but some judgements failed (the endpoint failed after retries, or the judge's reply
+could not be read): `failed` counts them and `failed_ids` lists them, the figures leave them out, and a
+rerun asks only them again (the rest come from the cache)."""
+MAX_FAILURES_IN_A_ROW = 8
+
+
+@dataclass(frozen=True)
+class CallFailed:
+    """In place of a result: the judge call failed for good (after the client's retries), for `reason` (one line)."""
+
+    reason: str
 
 
 def read_jsonl(path: str | Path, what: str) -> list[tuple[int, dict]]:
@@ -75,22 +92,62 @@ def image_for(question: dict, image_root: str | Path, where: str) -> dict:
     return image_part(path)
 
 
+def add_endpoint_options(group: argparse._ActionsContainer) -> None:
+    """The judge request flags every LLM-judged command takes: `--timeout`, `--max-retries`, `--backoff`."""
+    group.add_argument("--timeout", type=float, default=60.0, help="seconds per judge request attempt (default 60)")
+    group.add_argument("--max-retries", type=int, default=6,
+                       help="retries of a judge request on 429, 5xx, malformed replies and timeouts (default 6)")
+    group.add_argument("--backoff", type=float, default=1.0,
+                       help="first retry delay in seconds, doubled per retry; 429 Retry-After wins (default 1)")
+
+
 def judge_client(args: argparse.Namespace, model: str) -> ChatClient:
-    """The judge's ChatClient from `--api-base`, `--api-key-env` and `--cache-dir` (which may be absent)."""
+    """The judge's ChatClient from `--api-base`, `--api-key-env`, `--cache-dir`, `--timeout`, `--max-retries` and
+    `--backoff` (any of which but the first may be absent)."""
     api_base = getattr(args, "api_base", None)
     if not api_base:
         raise UserError("--api-base is required for an LLM-judged evaluation (e.g. https://api.openai.com/v1)")
+    timeout, retries, backoff = (getattr(args, "timeout", 60.0), getattr(args, "max_retries", 6),
+                                 getattr(args, "backoff", 1.0))
+    if timeout <= 0 or retries < 0 or backoff < 0:
+        raise UserError(f"--timeout must be > 0, --max-retries and --backoff >= 0 (got {timeout:g}, {retries}, "
+                        f"{backoff:g})")
     return ChatClient(api_base, model, api_key_env=getattr(args, "api_key_env", None) or "OPENAI_API_KEY",
-                      cache_dir=getattr(args, "cache_dir", None) or DEFAULT_CACHE_DIR)
+                      cache_dir=getattr(args, "cache_dir", None) or DEFAULT_CACHE_DIR, timeout_s=timeout,
+                      max_retries=retries, backoff_s=backoff)
 
 
-def run_parallel(fn: Callable[[T], R], items: Sequence[T], concurrency: int, desc: str) -> list[R]:
-    """`[fn(x) for x in items]` on at most `concurrency` threads, in input order, with a progress bar."""
+def run_parallel(fn: Callable[[T], R], items: Sequence[T], concurrency: int, desc: str) -> list[R | CallFailed]:
+    """`[fn(x) for x in items]` on at most `concurrency` threads, in input order, with a progress bar. A call that
+    raises ApiError (the endpoint failed for good) leaves a CallFailed in its place; once MAX_FAILURES_IN_A_ROW
+    calls in a row have failed, the calls not yet started are not made (CallFailed too), so a dead endpoint is
+    given up in seconds. Any other exception stops the run."""
     if concurrency < 1:
         raise UserError(f"--concurrency must be at least 1, got {concurrency}")
+    lock = threading.Lock()
+    in_a_row, given_up = 0, ""
+
+    def call(item: T) -> R | CallFailed:
+        """`fn(item)`, its ApiError as a CallFailed, or a CallFailed without calling once the endpoint is given up."""
+        nonlocal in_a_row, given_up
+        with lock:
+            if given_up:
+                return CallFailed(given_up)
+        try:
+            result = fn(item)
+        except ApiError as err:
+            with lock:
+                in_a_row += 1
+                if in_a_row >= MAX_FAILURES_IN_A_ROW and not given_up:
+                    given_up = f"not sent: {in_a_row} judge calls in a row failed, the last: {err}"
+            return CallFailed(str(err))
+        with lock:
+            in_a_row = 0
+        return result
+
     results: list = [None] * len(items)
     with ThreadPoolExecutor(concurrency) as pool, tqdm(total=len(items), desc=desc, unit="q") as bar:
-        futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
+        futures = {pool.submit(call, item): i for i, item in enumerate(items)}
         try:
             for future in as_completed(futures):
                 results[futures[future]] = future.result()
@@ -101,8 +158,10 @@ def run_parallel(fn: Callable[[T], R], items: Sequence[T], concurrency: int, des
     return results
 
 
-def warn_unjudged(what: str, ids: Sequence) -> None:
-    """One stderr warning line listing (the first 20 of) the question ids left out for reason `what`."""
+def warn_unjudged(what: str, ids: Sequence, example: str | None = None) -> None:
+    """One stderr warning line listing (the first 20 of) the question ids left out for reason `what`, and the
+    reason of the first when given."""
     if ids:
         shown = ", ".join(map(str, ids[:20])) + (" ..." if len(ids) > 20 else "")
-        print(f"xllava: warning: {len(ids)} question(s) {what}, not scored: {shown}", file=sys.stderr)
+        tail = f"; the first: {example}" if example else ""
+        print(f"xllava: warning: {len(ids)} question(s) {what}, not scored: {shown}{tail}", file=sys.stderr)

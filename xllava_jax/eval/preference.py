@@ -6,7 +6,9 @@ every pair is judged twice, once with A shown first and once with B shown first,
 position bias; the pair's verdict is:
   - both orders name the same answer -> that answer wins;
   - the orders disagree, or either says "similar" -> tie;
-  - either order's reply cannot be read as A / B / similar -> failed (listed, left out of the percentages).
+  - either order's reply cannot be read as A / B / similar, or its judge call failed for good (the endpoint
+    failed after retries) -> failed: listed in `failed_ids`, left out of the percentages, never a tie, and
+    asked again on a rerun (the judged calls come from the cache).
 `--one-order` reproduces the paper (A always shown first, one call per pair). `--truncate-words N` cuts every
 answer to its first N whitespace-separated words (the paper's 30-word control against the judge's taste for
 long answers; Korean words are whitespace-separated as well).
@@ -24,6 +26,10 @@ from pathlib import Path
 from xllava_jax.errors import UserError
 from xllava_jax.eval.judging import (
     DEFAULT_CACHE_DIR,
+    EXIT_SOME_FAILED,
+    EXIT_STATUS_HELP,
+    CallFailed,
+    add_endpoint_options,
     by_question_id,
     image_for,
     judge_client,
@@ -32,7 +38,7 @@ from xllava_jax.eval.judging import (
 )
 
 RULE = ("both orders agree -> that side wins; orders disagree or either says similar -> tie; "
-        "an unreadable verdict -> failed (excluded)")
+        "an unreadable verdict or a failed judge call -> failed (excluded)")
 JUDGE_MAX_TOKENS = 32
 SYSTEM = "You are a careful and impartial judge of answers to questions about images."
 PROMPT = """Look at the image and read the question, then compare the two answers to it.
@@ -56,7 +62,8 @@ EXAMPLES = """examples:
       --answers-a xllava.jsonl --answers-b llava15.jsonl --name-a X-LLaVA --name-b LLaVA-1.5 \\
       --api-base https://api.openai.com/v1 --judge-model gpt-4o --out pref/xllava_vs_llava15
   xllava eval preference ... --truncate-words 30 --one-order --out pref/30words_paper_protocol
-"""
+
+""" + EXIT_STATUS_HELP
 _LABEL = re.compile(r"^(?:(?:final\s+)?(?:verdict|answer|judg(?:e)?ment|choice|output)\s*[:：]\s*)?"
                     r"(?:answer\s+|response\s+|답변\s*)?([ab])"
                     r"(?:\s+is\s+better|\s+better|\s*(?:가|이)\s*더\s*(?:낫습니다|낫다|좋습니다|좋다))?$")
@@ -127,7 +134,8 @@ def _plot(summary: dict, path: Path) -> None:
 
 def run_preference(args: argparse.Namespace) -> int:
     """Judge every question both answer files answer; write judgements.jsonl, preference.json and
-    preference.png under `--out`, and print preference.json as the last stdout line."""
+    preference.png under `--out`, and print preference.json as the last stdout line. The exit status is
+    EXIT_SOME_FAILED when some pairs could not be judged, else 0."""
     if args.truncate_words is not None and args.truncate_words < 1:
         raise UserError(f"--truncate-words must be at least 1, got {args.truncate_words}")
     questions = by_question_id(args.questions, "questions")
@@ -151,10 +159,12 @@ def run_preference(args: argparse.Namespace) -> int:
         reply = client.chat(messages, temperature=0.0, max_tokens=JUDGE_MAX_TOKENS).text
         label = parse_verdict(reply)
         side = label if order == "ab" or label in (None, "similar") else {"A": "B", "B": "A"}[label]
-        return {"label": label, "side": side, "reply": reply}
+        error = None if label else f"unreadable verdict {reply[:80]!r}"
+        return {"label": label, "side": side, "reply": reply, "error": error}
 
     tasks = [(q, o) for q in todo for o in orders]
-    results = dict(zip(tasks, run_parallel(judge, tasks, args.concurrency, "judging pairs")))
+    results = {task: {"label": None, "side": None, "reply": "", "error": r.reason} if isinstance(r, CallFailed) else r
+               for task, r in zip(tasks, run_parallel(judge, tasks, args.concurrency, "judging pairs"))}
     records = []
     for qid in todo:
         verdicts = {o: results[(qid, o)] for o in orders}
@@ -162,9 +172,10 @@ def run_preference(args: argparse.Namespace) -> int:
                         "final": pair_outcome([v["side"] for v in verdicts.values()])})
     counts = Counter(r["final"] for r in records)
     judged = len(records) - counts["failed"]
+    errors = [v["error"] for r in records for v in r["verdicts"].values() if v["error"]]
     if judged == 0:
-        raise UserError(f"{args.judge_model}: no verdict could be read for any of {len(records)} pairs "
-                        f"(first reply: {records[0]['verdicts']['ab']['reply'][:80]!r})")
+        raise UserError(f"{args.judge_model}: no pair could be judged ({len(records)} tried); the first failure: "
+                        f"{errors[0]}")
     summary = {
         "name_a": args.name_a or _model_name(answers["A"], "A"),
         "name_b": args.name_b or _model_name(answers["B"], "B"),
@@ -186,9 +197,9 @@ def run_preference(args: argparse.Namespace) -> int:
     warn_unjudged("unanswered in --answers-a", missing["A"])
     warn_unjudged("unanswered in --answers-b", missing["B"])
     warn_unjudged("answered but not in --questions", unknown)
-    warn_unjudged("with an unreadable verdict", summary["failed_ids"])
+    warn_unjudged("whose judging failed", summary["failed_ids"], errors[0] if errors else None)
     print(json.dumps(summary, ensure_ascii=False))
-    return 0
+    return EXIT_SOME_FAILED if counts["failed"] else 0
 
 
 def add_preference_parser(steps) -> argparse.ArgumentParser:
@@ -210,6 +221,7 @@ def add_preference_parser(steps) -> argparse.ArgumentParser:
     p.add_argument("--name-a", help="name of model A in the outputs (default: its answers' model_id)")
     p.add_argument("--name-b", help="name of model B in the outputs (default: its answers' model_id)")
     p.add_argument("--concurrency", type=int, default=4, help="judge calls in flight (default: %(default)s)")
+    add_endpoint_options(p)
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(run=run_preference)
     return p

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from xllava_jax.eval.answers import ScoreError
+from xllava_jax.eval.judging import EXIT_SOME_FAILED, EXIT_STATUS_HELP, add_endpoint_options
 from xllava_jax.eval.scorers import BENCHMARKS, JUDGED, score
 from xllava_jax.eval.scorers.common import ScoreRequest
 
@@ -17,6 +18,8 @@ EXAMPLES = """examples:
   xllava eval score --benchmark gqa --answers runs/gqa/answers.jsonl --questions testdev_balanced_questions.json
   xllava eval score --benchmark pope --answers runs/pope/answers.jsonl \\
       --annotations coco_pope_random.json coco_pope_popular.json coco_pope_adversarial.json
+  xllava eval score --benchmark pope --answers llava_answers.jsonl --questions llava_pope_test.jsonl \\
+      --annotations coco/coco_pope_*.json
   xllava eval score --benchmark koviz --answers runs/koviz/answers.jsonl --rules strict --out scores/koviz.json
   xllava eval score --benchmark kmmbench --answers runs/kmmbench/answers.jsonl
   xllava eval score --benchmark synth_vqa --answers runs/synth/answers.jsonl \\
@@ -30,7 +33,8 @@ Gold by benchmark:
   vqav2, kvqa        --annotations VQA annotations JSON, or each answer line's `answers` (10 strings);
                      --questions limits the questions scored (VQAv2 questions JSON or LLaVA question JSONL)
   gqa                --questions GQA questions JSON (or the keys on the answer lines)
-  pope               --annotations coco_pope_<split>.json files (or each answer line's `label`, `category`)
+  pope               --annotations coco_pope_<split>.json files (or each answer line's `label`, `category`);
+                     --questions LLaVA's llava_pope_test.jsonl gives each answer's split (`category`), as LLaVA does
   bokvqa_ko, bokvqa_en, koviz, koliv
                      each answer line's `label` (or --questions JSONL); --rules paper (default) | strict
   mmbench, kmmbench, kseed, kmmstar, kdtcbench
@@ -39,7 +43,8 @@ Gold by benchmark:
   llava_bench, kllava_w
                      judged by an LLM: --questions questions.jsonl, --annotations reference answers JSONL,
                      --api-base, --judge-model, optional --context and --image-root
-Questions without an answer score 0 and are counted in `missing`; nothing is dropped silently."""
+Questions without an answer score 0 and are counted in `missing`; nothing is dropped silently.
+llava_bench, kllava_w """ + EXIT_STATUS_HELP
 
 
 def _expand(path: str) -> str:
@@ -72,6 +77,7 @@ def add_score_parser(subparsers) -> argparse.ArgumentParser:
     judge.add_argument("--image-root", help="directory of the benchmark images (sent to the judge when given)")
     judge.add_argument("--context", help="LLaVA-Bench context.jsonl (image captions for the judge)")
     judge.add_argument("--concurrency", type=int, default=4, help="parallel judge requests (default: %(default)s)")
+    add_endpoint_options(judge)
     p.set_defaults(run=run_score)
     return p
 
@@ -85,7 +91,8 @@ def _judge(args: argparse.Namespace) -> dict:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    """Score, print the metrics as one JSON line, write them to `--out` when given."""
+    """Score, print the metrics as one JSON line, write them to `--out` when given; the exit status is
+    EXIT_SOME_FAILED when some judgements failed (LLM-judged benchmarks), else 0."""
     if args.benchmark in JUDGED:
         metrics = _judge(args)
     else:
@@ -97,4 +104,4 @@ def run_score(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(metrics, ensure_ascii=False))
-    return 0
+    return EXIT_SOME_FAILED if metrics.get("failed") else 0

@@ -10,6 +10,7 @@ strings. `stream_answer` generates one job token by token. Both run under the ca
 from __future__ import annotations
 
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import numpy as np
 # The engine's own text stream, so streamed text matches Engine.generate / Engine.stream.
 from xllava_jax.infer.engine import Answer, Engine, _TextStream
 from xllava_jax.infer.generate import GenerationConfig
-from xllava_jax.infer.openai_protocol import APIError, Sampling
+from xllava_jax.infer.openai_protocol import SEED_MODULUS, APIError, Sampling
 
 
 def new_token_bucket(max_tokens: int) -> int:
@@ -43,9 +44,12 @@ class Job:
 
 
 def _config(engine: Engine, jobs: list[Job]) -> GenerationConfig:
+    """The generate settings of `jobs` (equal sampling); a fresh random seed when they carry none, so requests
+    without a seed never repeat one sample (rows of one batch draw apart from each other under one seed)."""
     s = jobs[0].sampling
+    seed = secrets.randbelow(SEED_MODULUS) if s.seed is None else s.seed
     return engine.generation_config(max_new_tokens=new_token_bucket(max(j.max_tokens for j in jobs)),
-                                    temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed)
+                                    temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=seed)
 
 
 def generate_rows(engine: Engine, jobs: list[Job], batch_size: int) -> list[Answer]:

@@ -17,7 +17,7 @@ import numpy as np
 from xllava_jax.config import DTYPES
 from xllava_jax.data import conversation as conv
 from xllava_jax.errors import UserError
-from xllava_jax.infer.engine import Engine, EngineError
+from xllava_jax.infer.engine import MODE_HELP, SYSTEM_HELP, TEMPLATE_HELP, Engine, EngineError
 from xllava_jax.infer.generate import GenerationConfig
 from xllava_jax.infer.openai_protocol import Defaults
 
@@ -39,15 +39,12 @@ class ChatError(UserError):
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    """The model flags `chat` and `serve` share: --template, --mode, --dtype, --system."""
-    parser.add_argument("--template", choices=conv.TEMPLATES,
-                        help="conversation template (default: the one the checkpoint was trained with, else "
-                             "llava_llama_2)")
-    parser.add_argument("--mode", choices=conv.MODES,
-                        help="tokenisation: clean, or llava to match the original LLaVA code (default: the "
-                             "checkpoint's, else clean)")
+    """The model flags `generate`, `chat` and `serve` share: --template, --mode, --dtype, --system (no defaults of
+    their own: `Engine.load` resolves the prompt)."""
+    parser.add_argument("--template", choices=conv.TEMPLATES, help=TEMPLATE_HELP)
+    parser.add_argument("--mode", choices=conv.MODES, help=MODE_HELP)
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: the checkpoint's)")
-    parser.add_argument("--system", help="system prompt (default: the checkpoint's, else the template's)")
+    parser.add_argument("--system", help=SYSTEM_HELP)
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser, limit_flag: str) -> None:

@@ -6,8 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from xllava_jax.config import DTYPES
-from xllava_jax.data.conversation import MODES, TEMPLATES
+from xllava_jax.infer.chat import add_engine_flags
 
 EXAMPLES = """examples:
   xllava generate --ckpt ckpt/xllava --image photo.jpg --prompt "이 사진을 자세히 설명해 주세요."
@@ -45,9 +44,5 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1: off (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest; 0: off (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    p.add_argument("--template", default="llava_llama_2", choices=TEMPLATES, help="(default: %(default)s)")
-    p.add_argument("--mode", default="clean", choices=MODES,
-                   help="clean: ids of the template string; llava: the original LLaVA code's ids (default: clean)")
-    p.add_argument("--system", help="system prompt (default: the template's)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: the checkpoint's)")
+    add_engine_flags(p)
     p.set_defaults(run=run_generate)

@@ -17,6 +17,7 @@ With a `mesh`, each batch is laid out along its 'data' axis (the parameters repl
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +26,10 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from xllava_jax.checkpoint import CheckpointError, is_checkpoint, read_meta
+from xllava_jax.checkpoint import CheckpointError
 from xllava_jax.config import ConfigError, ModelConfig
 from xllava_jax.convert.load import ConversionError, load_pretrained
+from xllava_jax.convert.prompt import DEFAULT_MODE, DEFAULT_TEMPLATE, recorded_prompt, resolve_prompt
 from xllava_jax.data import conversation as conv
 from xllava_jax.data.images import ImageConfig, ImageError, preprocess
 from xllava_jax.data.tokenizer import Tokenizer
@@ -37,6 +39,12 @@ from xllava_jax.models.xllava import XLlava
 from xllava_jax.tokenizer.expand import TokenizerError
 
 REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 byte sequence decodes to
+# The help of the prompt flags of generate, chat, serve and eval run (all resolved by `Engine.load`).
+TEMPLATE_HELP = ("conversation template (default: the checkpoint's recorded one; for a Hugging Face directory the "
+                 f"one its chat template or model name implies; else {DEFAULT_TEMPLATE})")
+MODE_HELP = ("tokenisation: clean (ids of the template string) or llava (the original LLaVA code's ids) (default: "
+             "the checkpoint's, else clean)")
+SYSTEM_HELP = "system prompt (default: the checkpoint's, else the template's)"
 
 
 class EngineError(UserError):
@@ -79,8 +87,9 @@ class _MeshGenerator(Generator):
 class Engine:
     """Generates answers to conversations (optionally with one image each) with one model."""
 
-    def __init__(self, model: XLlava, tokenizer: Tokenizer, *, template: str = "llava_llama_2", mode: str = "clean",
-                 model_id: str = "xllava", system: str | None = None, mesh: jax.sharding.Mesh | None = None):
+    def __init__(self, model: XLlava, tokenizer: Tokenizer, *, template: str = DEFAULT_TEMPLATE,
+                 mode: str = DEFAULT_MODE, model_id: str = "xllava", system: str | None = None,
+                 mesh: jax.sharding.Mesh | None = None):
         if template not in conv.TEMPLATES:
             raise EngineError(f"unknown template {template!r}; choose one of {', '.join(conv.TEMPLATES)}")
         if mode not in conv.MODES:
@@ -103,15 +112,19 @@ class Engine:
              model_id: str | None = None, system: str | None = None) -> Engine:
         """An engine for our checkpoint or a Hugging Face directory; the tokenizer comes from that directory
         unless `tokenizer` (a tokenizer.model or a directory holding one) is given. `model_id` defaults
-        to the directory's name. `template`, `mode` and `system` default to what the checkpoint was trained
-        with (recorded by `xllava train`), else llava_llama_2, clean and the template's system prompt."""
+        to the directory's name. `template`, `mode` and `system` (None: not given) are resolved against the
+        checkpoint's prompt record, or what a Hugging Face directory implies (`convert.prompt`); a template
+        that nothing implied is said on stderr."""
         path = Path(ckpt)
         if not path.is_dir():
             raise EngineError(f"{path}: no such checkpoint directory")
-        recorded = (read_meta(path).get("prompt") or {}) if is_checkpoint(path) else {}
-        template = template or recorded.get("template") or "llava_llama_2"
-        mode = mode or recorded.get("mode") or "clean"
-        system = recorded.get("system") if system is None else system
+        try:
+            inferred = recorded_prompt(path)
+        except CheckpointError as e:
+            raise EngineError(str(e)) from None
+        if inferred.guessed and template is None:
+            print(f"xllava: note: {inferred.reason}", file=sys.stderr)
+        template, mode, system = resolve_prompt(inferred.record, template, mode, system)
         try:
             tok = Tokenizer(tokenizer if tokenizer is not None else path)
         except TokenizerError as e:

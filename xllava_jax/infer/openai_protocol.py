@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import json
 import time
 import uuid
@@ -24,12 +25,14 @@ SEED_MODULUS = 2**31  # seeds are reduced into jax.random.key's int32 range
 
 
 class APIError(Exception):
-    """A request the server refuses: HTTP `status`, a one-line `message`, and OpenAI's `type`, `param`, `code`."""
+    """A request the server refuses: HTTP `status`, a one-line `message`, OpenAI's `type`, `param`, `code`, and
+    any extra response `headers`."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers or {}  # extra response headers (Allow, WWW-Authenticate)
 
     def body(self) -> dict[str, Any]:
         """The JSON error object OpenAI clients parse."""
@@ -48,7 +51,21 @@ class Sampling:
     temperature: float
     top_p: float
     top_k: int
-    seed: int
+    seed: int | None  # None: a fresh seed for each generate call
+
+
+def check_bearer(authorization: str | None, key: str | None) -> None:
+    """Raise a 401 unless `key` is None or the Authorization header is `Bearer <key>` (compared in constant
+    time; the key a client sent is never echoed)."""
+    if key is None:
+        return
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise APIError(401, "You didn't provide an API key; send it as the header 'Authorization: Bearer KEY'",
+                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise APIError(401, "Incorrect API key provided", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
 
 
 @dataclass(frozen=True)
@@ -254,13 +271,15 @@ def parse_chat_request(raw: bytes, model_id: str, defaults: Defaults, image_root
     temperature = _number(body, "temperature", 0.0, 2.0)
     top_p = _number(body, "top_p", 0.0, 1.0, open_low=True)
     top_k = _integer(body, "top_k", 0)
-    seed = body.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise bad_request("seed must be an integer", "seed")
     turns, system, image = _conversation(body.get("messages"), image_root)
-    sampling = Sampling(defaults.temperature if temperature is None else temperature,
-                        defaults.top_p if top_p is None else top_p,
-                        defaults.top_k if top_k is None else top_k, seed % SEED_MODULUS)
+    temperature = defaults.temperature if temperature is None else temperature
+    if temperature == 0:
+        seed = 0  # greedy: the seed changes nothing, so greedy requests batch together whatever seed they carry
+    sampling = Sampling(temperature, defaults.top_p if top_p is None else top_p,
+                        defaults.top_k if top_k is None else top_k, None if seed is None else seed % SEED_MODULUS)
     return ChatRequest(turns, system, image, max_tokens, sampling, _stop(body.get("stop")), stream,
                        stream and options.get("include_usage", False))
 

@@ -66,7 +66,10 @@ def add_vocab_parser(subparsers) -> None:
                     "OUT/tokenizer.model, the Hugging Face tokenizer files and OUT/expansion.json (sizes, each new "
                     "id with its piece and its ids under the base tokenizer, filter counts). Pieces already in the "
                     "base, byte, control, empty and (unless --script any) pieces without the target script are "
-                    "dropped and counted.")
+                    "dropped and counted. The 2,350 KS X 1001 Hangul syllables that the base lacks are added too "
+                    "(within --num-new), so no everyday Korean syllable falls back to bytes: first with "
+                    "--train-corpus, after the merged pieces with --merge-model / --merge-vocab, so that these "
+                    "keep the ids of a plain append (X-LLaVA: 32,000 + 7,478 KoBERT pieces in their order).")
     expand.add_argument("--base", required=True, metavar="MODEL",
                         help="base SentencePiece model, or a directory holding tokenizer.model (its "
                              "tokenizer_config.json settings are carried over)")
@@ -84,6 +87,9 @@ def add_vocab_parser(subparsers) -> None:
     expand.add_argument("--script", default="hangul", choices=(*SCRIPTS, "any"),
                         help="keep only pieces holding a character of this script; any: no script filter "
                              "(default hangul)")
+    expand.add_argument("--no-syllable-coverage", dest="syllable_coverage", action="store_false",
+                        help="do not add the KS X 1001 Hangul syllables the base lacks (added by default with "
+                             "--script hangul or any: first with --train-corpus, else after the merged pieces)")
     expand.add_argument("--checkpoint", metavar="CKPT",
                         help="also grow this checkpoint's embeddings and lm_head (needs --checkpoint-out)")
     expand.add_argument("--checkpoint-out", metavar="DIR", help="where to write the expanded checkpoint")
@@ -115,6 +121,12 @@ def _print_expansion(record: dict, out: str) -> None:
     print(f"base {record['base_size']} + {record['num_new']} new = {record['new_size']} pieces "
           f"(source: {record['source']['kind'].replace('_', '-')})")
     print("filtered: " + ", ".join(f"{name} {record['filtered'][name]}" for name in FILTERS))
+    syllables = record["ksx1001_syllables"]
+    counts = (f"{syllables['in_base']:,} in the base + {syllables['added']:,} added = {syllables['after']:,}"
+              if syllables["ensured"] else f"{syllables['in_base']:,} in the base, {syllables['after']:,} after")
+    why = "--no-syllable-coverage" if record["script"] in ("hangul", "any") else f"--script {record['script']}"
+    print(f"{counts} of the {syllables['total']:,} KS X 1001 Hangul syllables"
+          + ("" if syllables["ensured"] else f" ({why})"))
     for warning in record["warnings"]:
         print(f"xllava: warning: {warning}", file=sys.stderr)
     print(f"wrote {out}")
@@ -144,7 +156,7 @@ def run_vocab(args: argparse.Namespace) -> None:
         check_checkpoint(args.checkpoint, len(load_proto(args.base).pieces))
     record = expand_tokenizer(args.base, args.out, merge_model=args.merge_model, merge_vocab=args.merge_vocab,
                               train_corpus=args.train_corpus or (), num_new=args.num_new, script=args.script,
-                              progress=True)
+                              syllable_coverage=args.syllable_coverage, progress=True)
     _print_expansion(record, args.out)
     if args.checkpoint:
         from xllava_jax.tokenizer.resize import expand_checkpoint

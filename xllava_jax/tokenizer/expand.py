@@ -4,7 +4,12 @@ New pieces come from another SentencePiece model (`merge_model`, e.g. KoBERT's, 
 list (`merge_vocab`) or a BPE model trained here on text files (`train_corpus`, the Chinese-LLaMA route).
 They are filtered (already in the base, byte, control, empty/whitespace-only, duplicate, without the
 target script) and appended after the base pieces, so base ids never move, the normaliser and byte
-fallback stay as they were, and text without the target script encodes exactly as before.
+fallback stay as they were, and text without the target script encodes exactly as before. Unless told
+otherwise, the 2,350 KS X 1001 Hangul syllables the base lacks are added too (see `syllables`), so no
+everyday Korean syllable falls back to bytes, whatever the source of the other pieces: first on the
+training route, after the merged pieces on the merge routes. There the merged pieces keep the ids a plain
+append gives them (X-LLaVA: LLaMA-2's 32,000 + KoBERT's 7,478 pieces in their order = 39,478), so
+characters they need that neither the base nor the source holds follow them too.
 
 Scores: the k-th new piece gets `min(base scores) - k * step` (step 1, or larger where float32 needs it
 to keep the scores distinct), so base merges keep priority over new ones and scores fall with the id:
@@ -37,6 +42,7 @@ from xllava_jax.tokenizer.hf_files import (
     write_hf_files,
 )
 from xllava_jax.tokenizer.scripts import SCRIPTS, has_script
+from xllava_jax.tokenizer.syllables import KSX1001_SYLLABLES, missing_syllables, syllable_count
 from xllava_jax.tokenizer.train import train_bpe
 
 MODEL_FILE = "tokenizer.model"
@@ -124,21 +130,27 @@ def vocab_candidates(path: str | Path) -> list[tuple[str, int]]:
 
 
 def select_pieces(base: pb.ModelProto, candidates: Iterable[tuple[str, int]], script: str = "hangul",
-                  limit: int | None = None) -> tuple[list[str], dict[str, int]]:
+                  limit: int | None = None, first: Sequence[str] = (), last: Sequence[str] = (),
+                  contiguous: bool = False) -> tuple[list[str], dict[str, int]]:
     """The new pieces to append, in order, and how many candidates each filter dropped.
 
-    `script` is one of SCRIPTS or `any` (no script filter). Characters a kept piece needs that the
-    vocabulary lacks are added just before it. `limit` caps the number of new pieces. Filters: in_base,
-    duplicate (repeated in the source, or already added as a character an earlier piece needs), byte,
-    control (control, unknown and unused pieces), empty (empty or whitespace only), no_script and
+    `script` is one of SCRIPTS or `any` (no script filter). `first` and `last` are pieces the base lacks
+    (e.g. the syllables to cover): `first` opens the list, `last` closes it, less those the source itself
+    supplies (kept in the source's place). Characters a kept piece needs that the vocabulary lacks are added
+    just before it or, when `contiguous`, at the very end (after `last`) unless the source supplies them
+    later, so that the source's kept pieces follow the base in their order with nothing between them.
+    `limit` caps the number of new pieces, all of these included. Filters: in_base, duplicate (repeated in
+    the source, or already added: in `first` or, unless `contiguous`, as a character an earlier piece needs),
+    byte, control (control, unknown and unused pieces), empty (empty or whitespace only), no_script and
     beyond_num_new.
     """
     if script != "any" and script not in SCRIPTS:
         raise TokenizerError(f"--script {script}: choose one of {', '.join((*SCRIPTS, 'any'))}")
     in_base = {p.piece for p in base.pieces}
-    present = set(in_base)
+    present = in_base | set(first)
+    owed = dict.fromkeys(p for p in last if p not in present)  # what the list ends with, in order
     counts = dict.fromkeys(FILTERS, 0)
-    chosen: list[str] = []
+    chosen = list(first)
     for piece, kind in candidates:
         if kind == Piece.BYTE or BYTE_PIECE.fullmatch(piece):
             reason = "byte"
@@ -154,14 +166,20 @@ def select_pieces(base: pb.ModelProto, candidates: Iterable[tuple[str, int]], sc
             reason = "no_script"
         else:
             missing = [c for c in dict.fromkeys(piece) if c not in present and c != piece]
-            if limit is not None and len(chosen) + len(missing) + 1 > limit:
+            added = [piece] if contiguous else [*missing, piece]
+            deferred = [c for c in missing if c not in owed] if contiguous else []
+            size = len(chosen) + len(added) + len(owed) - sum(p in owed for p in added) + len(deferred)
+            if limit is not None and size > limit:
                 reason = "beyond_num_new"
             else:
-                chosen += [*missing, piece]
-                present.update([*missing, piece])
+                chosen += added
+                present.update(added)
+                for p in added:
+                    owed.pop(p, None)
+                owed.update(dict.fromkeys(deferred))
                 continue
         counts[reason] += 1
-    return chosen, counts
+    return chosen + list(owed), counts
 
 
 def score_step(lowest: float, count: int) -> float:
@@ -229,10 +247,25 @@ def check_out_dir(out: str | Path, flag: str = "--out") -> Path:
     return out
 
 
+def syllables_to_add(base: pb.ModelProto, num_new: int | None, script: str, coverage: bool) -> list[str] | None:
+    """The KS X 1001 syllables the base lacks, in 가나다 order (None without `coverage` or when `script`
+    excludes Hangul); TokenizerError when `num_new` leaves no room for them."""
+    if not coverage or script not in ("hangul", "any"):
+        return None
+    missing = missing_syllables({p.piece for p in base.pieces})
+    if num_new is not None and num_new < len(missing):
+        raise TokenizerError(f"--num-new {num_new}: the base lacks {len(missing):,} of the "
+                             f"{len(KSX1001_SYLLABLES):,} KS X 1001 Hangul syllables, which count towards it; give "
+                             f"--num-new {len(missing)} or more, or --no-syllable-coverage")
+    return missing
+
+
 def expansion_record(base_path: Path, base: pb.ModelProto, merged: pb.ModelProto, pieces: Sequence[str],
-                     counts: dict[str, int], source: dict[str, Any], script: str) -> dict[str, Any]:
+                     counts: dict[str, int], source: dict[str, Any], script: str,
+                     syllables: Sequence[str] | None) -> dict[str, Any]:
     """The content of expansion.json: sizes, the new tokens with their base-tokenizer subwords, the
-    filter counts and where the pieces came from."""
+    filter counts, the KS X 1001 syllable counts (`syllables`: those the base lacked, all added; None
+    when coverage was off) and where the pieces came from."""
     base_size = len(base.pieces)
     unreachable = unreachable_pieces(merged, pieces)
     warnings = []
@@ -254,6 +287,10 @@ def expansion_record(base_path: Path, base: pb.ModelProto, merged: pb.ModelProto
         "source": source,
         "script": script,
         "filtered": counts,
+        "ksx1001_syllables": {"total": len(KSX1001_SYLLABLES),
+                              "in_base": syllable_count({p.piece for p in base.pieces}),
+                              "added": len(syllables or ()), "after": syllable_count({p.piece for p in merged.pieces}),
+                              "ensured": syllables is not None},
         "unreachable": len(unreachable),
         "warnings": warnings,
         "subword_rule": SUBWORD_RULE,
@@ -307,10 +344,11 @@ def read_corpus(files: Sequence[str | Path], progress: bool = False) -> set[str]
 
 
 def train_candidates(files: Sequence[str | Path], base: pb.ModelProto, script: str, num_new: int,
-                     progress: bool = False) -> tuple[list[str], dict[str, int], int]:
-    """Train a BPE model on `files` and select `num_new` new pieces from it, training again with a larger
-    vocabulary while filtering leaves too few. Returns (pieces, filter counts, trained model size)."""
-    vocab_size = len(read_corpus(files, progress)) + 3 + math.ceil(num_new * 1.25)
+                     first: Sequence[str] = (), progress: bool = False) -> tuple[list[str], dict[str, int], int]:
+    """Train a BPE model on `files` and select `num_new` new pieces (`first` opening them) from it, training
+    again with a larger vocabulary while filtering leaves too few. Returns (pieces, filter counts, trained
+    model size)."""
+    vocab_size = len(read_corpus(files, progress)) + 3 + math.ceil((num_new - len(first)) * 1.25)
     pieces: list[str] = []
     for _ in range(4):
         try:
@@ -318,23 +356,28 @@ def train_candidates(files: Sequence[str | Path], base: pb.ModelProto, script: s
         except RuntimeError as e:
             raise TokenizerError(f"--train-corpus: sentencepiece cannot train on these files "
                                  f"({str(e).strip().splitlines()[-1]})") from None
-        pieces, counts = select_pieces(base, model_candidates(trained), script, num_new)
+        pieces, counts = select_pieces(base, model_candidates(trained), script, num_new, first)
         if len(pieces) >= num_new:
             return pieces, counts, len(trained.pieces)
         if len(trained.pieces) < vocab_size:  # the text ran out of merges
             break
         vocab_size += math.ceil((num_new - len(pieces)) * 1.5) + 100
-    raise TokenizerError(f"--num-new {num_new}: the training corpus supports only {len(pieces)} new {script} pieces "
-                         "not already in the base; give more text or a smaller --num-new")
+    after = f" besides the {len(first):,} KS X 1001 syllables added first" if first else ""
+    raise TokenizerError(f"--num-new {num_new}: the training corpus supports only {len(pieces) - len(first)} new "
+                         f"{script} pieces not already in the base{after}; give more text or a smaller --num-new")
 
 
 def expand_tokenizer(base: str | Path, out: str | Path, *, merge_model: str | Path | None = None,
                      merge_vocab: str | Path | None = None, train_corpus: Sequence[str | Path] = (),
-                     num_new: int | None = None, script: str = "hangul", progress: bool = False) -> dict[str, Any]:
+                     num_new: int | None = None, script: str = "hangul", syllable_coverage: bool = True,
+                     progress: bool = False) -> dict[str, Any]:
     """`xllava vocab expand`: write OUT/tokenizer.model (base + new pieces), the HF tokenizer files and
     OUT/expansion.json; returns the expansion record. Exactly one source of pieces: `merge_model` (a
     SentencePiece model), `merge_vocab` (a list of pieces) or `train_corpus` (text files; needs `num_new`).
-    With a merge source, `num_new` caps how many pieces are taken (best first)."""
+    With a merge source, `num_new` caps how many pieces are taken (best first). With `syllable_coverage`
+    (and `script` hangul or any) the KS X 1001 syllables the base lacks are added, within `num_new`: first
+    with `train_corpus`; after the merged pieces with a merge source, so that these keep the ids of a plain
+    append (base size, base size + 1, ... in the source's order; characters they need follow too)."""
     if sum(map(bool, (merge_model, merge_vocab, train_corpus))) != 1:
         raise TokenizerError("give exactly one of --merge-model, --merge-vocab and --train-corpus")
     if train_corpus and num_new is None:
@@ -350,27 +393,28 @@ def expand_tokenizer(base: str | Path, out: str | Path, *, merge_model: str | Pa
         raise TokenizerError(f"--base {base}: its {CONFIG_FILE} adds tokens past the SentencePiece vocabulary "
                              f"({', '.join(clash[:3])}) that new pieces would collide with; expand the plain LLM "
                              "tokenizer and add such tokens afterwards")
-    if merge_model:
-        source_proto = load_proto(merge_model, "--merge-model")
-        check_base(proto, base, model_type(source_proto) == "bpe")
-        pieces, counts = select_pieces(proto, model_candidates(source_proto), script, num_new)
+    source_proto = load_proto(merge_model, "--merge-model") if merge_model else None
+    check_base(proto, base, source_is_bpe=model_type(source_proto) == "bpe" if source_proto else not merge_vocab)
+    syllables = syllables_to_add(proto, num_new, script, syllable_coverage)
+    if source_proto:
+        pieces, counts = select_pieces(proto, model_candidates(source_proto), script, num_new,
+                                       last=syllables or (), contiguous=True)
         source = {"kind": "merge_model", "path": str(model_path(merge_model, "--merge-model").absolute()),
                   "model_type": model_type(source_proto), "size": len(source_proto.pieces)}
     elif merge_vocab:
-        check_base(proto, base, source_is_bpe=False)
         candidates = vocab_candidates(merge_vocab)
-        pieces, counts = select_pieces(proto, candidates, script, num_new)
+        pieces, counts = select_pieces(proto, candidates, script, num_new, last=syllables or (), contiguous=True)
         source = {"kind": "merge_vocab", "path": str(Path(merge_vocab).absolute()), "lines": len(candidates)}
     else:
-        check_base(proto, base, source_is_bpe=True)
-        pieces, counts, trained_size = train_candidates(train_corpus, proto, script, num_new, progress)
+        pieces, counts, trained_size = train_candidates(train_corpus, proto, script, num_new, syllables or (),
+                                                       progress)
         source = {"kind": "train_corpus", "paths": [str(Path(f).absolute()) for f in train_corpus],
                   "model_type": "bpe", "size": trained_size}
     if not pieces:
         dropped = ", ".join(f"{k} {v}" for k, v in counts.items() if v)
         raise TokenizerError(f"no new pieces left after filtering ({dropped or 'the source is empty'})")
     merged = merge_pieces(proto, pieces)
-    record = expansion_record(base_path, proto, merged, pieces, counts, source, script)
+    record = expansion_record(base_path, proto, merged, pieces, counts, source, script, syllables)
     out.mkdir(parents=True, exist_ok=True)
     (out / MODEL_FILE).write_bytes(merged.SerializeToString())
     write_hf_files(out, merged, base_config)

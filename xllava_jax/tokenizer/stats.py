@@ -2,7 +2,9 @@
 
 For each tokenizer and text file: tokens per character, tokens per whitespace-separated word, the share
 of byte-fallback tokens and the number of unknown tokens, over the whole file and for the characters of
-each script (Hangul, Han, Latin, other). Lines are encoded one by one, without bos/eos.
+each script (Hangul, Han, Latin, other). Lines are encoded one by one, without bos/eos. For each
+tokenizer also: how many of the 2,350 KS X 1001 Hangul syllables it has as whole pieces (the others
+fall back to bytes wherever they appear).
 
 A token counts towards the script of the first non-space character it covers. A byte-fallback token that
 covers no character of its own (the leading bytes of a character) and a bare whitespace token (`▁` before
@@ -21,6 +23,7 @@ from tqdm import tqdm
 
 from xllava_jax.tokenizer.expand import TokenizerError, load_proto
 from xllava_jax.tokenizer.scripts import SCRIPTS, script_of
+from xllava_jax.tokenizer.syllables import KSX1001_SYLLABLES, syllable_count
 
 ALL_SCRIPTS = (*SCRIPTS, "other")
 BATCH_LINES = 2000
@@ -43,6 +46,15 @@ def read_lines(path: str | Path) -> list[str]:
     except UnicodeDecodeError as e:
         raise TokenizerError(f"--text {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     return [line for line in text.splitlines() if line.strip()]
+
+
+def whole_syllables(processor: spm.SentencePieceProcessor) -> int:
+    """How many KS X 1001 Hangul syllables are pieces of `processor` that encoding can produce (not
+    control, unknown, unused or byte pieces)."""
+    pieces = {processor.id_to_piece(i) for i in range(processor.get_piece_size())
+              if not (processor.is_control(i) or processor.is_unknown(i) or processor.is_unused(i)
+                      or processor.is_byte(i))}
+    return syllable_count(pieces)
 
 
 def _first_script(surface: str) -> str | None:
@@ -105,17 +117,18 @@ def summarise(counts: dict[str, Any]) -> dict[str, Any]:
 
 def compute_stats(tokenizers: Sequence[str | Path], texts: Sequence[str | Path], progress: bool = False) -> dict:
     """`xllava vocab stats`: {"tokenizers": [...], "files": [...], "results": [one summary per (file,
-    tokenizer), with "file" and "tokenizer" keys]}."""
+    tokenizer), with "file", "tokenizer", "vocab_size" and "ksx1001_syllables" keys]}."""
     processors = [load_processor(t) for t in tokenizers]
+    syllables = [whole_syllables(p) for p in processors]
     files = [(str(t), read_lines(t)) for t in texts]
     total = len(processors) * sum(len(lines) for _, lines in files)
     results = []
     with tqdm(total=total, unit="line", desc="encoding", disable=not progress) as bar:
         for name, lines in files:
-            for tokenizer, processor in zip(tokenizers, processors, strict=True):
+            for tokenizer, processor, whole in zip(tokenizers, processors, syllables, strict=True):
                 summary = summarise(count_tokens(processor, lines, bar))
                 results.append({"file": name, "tokenizer": str(tokenizer), "vocab_size": processor.get_piece_size(),
-                                **summary})
+                                "ksx1001_syllables": whole, **summary})
     return {"tokenizers": [str(t) for t in tokenizers], "files": [name for name, _ in files], "results": results}
 
 
@@ -125,11 +138,13 @@ def _cell(value: float | None, digits: int = 3) -> str:
 
 def format_table(stats: dict[str, Any]) -> str:
     """The stats as one plain-text table per file; `vs first` compares tokens per character with the
-    first tokenizer."""
+    first tokenizer, `KS X 1001` counts the Hangul syllables of that set the tokenizer has as pieces."""
     lines = []
     width = max(len("tokenizer"), *(len(t) for t in stats["tokenizers"]))
-    header = (f"{'tokenizer':<{width}}  {'vocab':>7}  {'tokens':>9}  {'tok/char':>8}  {'vs first':>8}  "
-              f"{'tok/word':>8}  {'bytes %':>7}  {'unk':>5}  " + "  ".join(f"{s + ' t/c':>10}" for s in SCRIPTS))
+    total = len(KSX1001_SYLLABLES)
+    header = (f"{'tokenizer':<{width}}  {'vocab':>7}  {'KS X 1001':>9}  {'tokens':>9}  {'tok/char':>8}  "
+              f"{'vs first':>8}  {'tok/word':>8}  {'bytes %':>7}  {'unk':>5}  "
+              + "  ".join(f"{s + ' t/c':>10}" for s in SCRIPTS))
     for name in stats["files"]:
         rows = [r for r in stats["results"] if r["file"] == name]
         script_chars = ", ".join(f"{s} {rows[0]['scripts'][s]['chars']:,}" for s in ALL_SCRIPTS)
@@ -139,7 +154,8 @@ def format_table(stats: dict[str, Any]) -> str:
         for r in rows:
             change = f"{100 * (r['tokens_per_char'] / first - 1):+.1f}%" if first and r["tokens_per_char"] else "-"
             share = None if r["byte_fallback_share"] is None else 100 * r["byte_fallback_share"]
-            lines.append(f"{r['tokenizer']:<{width}}  {r['vocab_size']:>7}  {r['tokens']:>9,}  "
+            syllables = f"{r['ksx1001_syllables']}/{total}"
+            lines.append(f"{r['tokenizer']:<{width}}  {r['vocab_size']:>7}  {syllables:>9}  {r['tokens']:>9,}  "
                          f"{_cell(r['tokens_per_char']):>8}  {change:>8}  {_cell(r['tokens_per_word']):>8}  "
                          f"{_cell(share, 1):>7}  {r['unk_tokens']:>5}  "
                          + "  ".join(f"{_cell(r['scripts'][s]['tokens_per_char']):>10}" for s in SCRIPTS))

@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
+from xllava_jax.jsonl import read_journal
+
 METRICS_FILE = "metrics.jsonl"
+log = logging.getLogger("xllava.train")
+
+
+def _step_problem(row: dict) -> str | None:
+    step = row.get("step")
+    return None if isinstance(step, int) and not isinstance(step, bool) else "a metrics row without an integer step"
 
 
 class MetricsWriter:
     """Appends one JSON object per step to WORKDIR/metrics.jsonl and mirrors scalars to TensorBoard.
 
     On resume, lines for steps after the restored checkpoint are dropped first, so the file holds
-    each step once.
+    each step once; so is a torn last line (the process killed mid-write), with a warning. Any other
+    damaged line stops the resume with a JournalError naming the file and line.
     """
 
     def __init__(self, workdir: Path, resume_step: int, enabled: bool = True):
@@ -23,10 +34,14 @@ class MetricsWriter:
         self._tb = None
         if not enabled:
             return
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        rows, warning = read_journal(self.path, check=_step_problem)
+        if warning:
+            log.warning("%s", warning)
+        kept = [row for row in rows if row["step"] <= resume_step]
+        if len(kept) < len(rows):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+            os.replace(tmp, self.path)
         from tensorboardX import SummaryWriter
 
         self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=resume_step + 1)
@@ -51,8 +66,8 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
-    path = Path(workdir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """The rows of WORKDIR/metrics.jsonl ([] when there is none yet), without a line still being written."""
+    return read_journal(Path(workdir) / METRICS_FILE, check=_step_problem, repair=False)[0]
 
 
 def plot_loss(workdirs: dict[str, str | Path], out: str | Path) -> Path:

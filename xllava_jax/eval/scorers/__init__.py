@@ -30,7 +30,7 @@ SCORERS: dict[str, Scorer] = {
     "vqav2": Scorer(vqa.score, annotations="optional"),
     "kvqa": Scorer(vqa.score, annotations="optional"),
     "gqa": Scorer(gqa.score),
-    "pope": Scorer(pope.score, questions="unused", annotations="optional"),
+    "pope": Scorer(pope.score, annotations="optional"),
     **{name: Scorer(korean.score, rules=True) for name in korean.BENCHMARKS},
     **{name: Scorer(multiple_choice.score, questions="unused")
        for name in ("mmbench", "kmmbench", "kseed", "kmmstar", "kdtcbench")},

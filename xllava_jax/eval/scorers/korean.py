@@ -1,15 +1,15 @@
 """BOK-VQA (Korean and English questions), KoViz and KoLiv: accuracy against the `label` of each answer line
 (as X-LLaVA's release reads it; with `--questions`, the question file's `label` by question id).
 
-`--rules paper` (default) reproduces the paper's rules, quirks included:
-  bokvqa_ko, koliv: correct iff prediction.strip() == label.strip(). Both sides are stripped here; LLaVA-style
-    runners (ours too) already strip the generated text, so for their output this is plain equality.
-  koviz: correct iff the stripped prediction is a substring of the stripped label, or the prediction is one of
-    네/예/yes and the label is 예, or one of 아니요/no and the label is 아니요. An empty prediction is a substring
-    of every label and so counts as correct.
+`--rules paper` (default) is the reference scripts' rule on any input, quirks included; neither side is stripped
+(a prediction " 예" or "야구 " is wrong; LLaVA-style runners, ours too, strip the generated text before writing it):
+  bokvqa_ko, koliv: correct iff prediction == label.
+  koviz: correct iff the prediction is a substring of the label, or the prediction is one of 네/예/yes and the
+    label is 예, or one of 아니요/no and the label is 아니요. An empty prediction is a substring of every label
+    and so counts as correct.
   bokvqa_en: correct iff label.strip().lower() is a substring of prediction.lower().
-`--rules strict` fixes the quirks: whitespace collapsed, trailing periods dropped, lowercased; for the Korean
-sets yes/no words mapped (네/예/yes/응 -> 예; 아니요/아니오/아니/no -> 아니요) and an exact match required; for
+`--rules strict` fixes the quirks: whitespace stripped and collapsed, trailing periods dropped, lowercased; for the
+Korean sets yes/no words mapped (네/예/yes/응 -> 예; 아니요/아니오/아니/no -> 아니요) and an exact match required; for
 bokvqa_en punctuation removed and the label must equal the prediction or appear in it as whole words. An empty
 prediction (or label) is wrong under strict rules.
 """
@@ -30,10 +30,9 @@ STRICT_YES_NO = {"네": "예", "예": "예", "yes": "예", "응": "예",
 
 
 def paper_correct(benchmark: str, prediction: str, label: str) -> bool:
-    """The paper's rule for one answer."""
+    """The paper's (the reference scripts') rule for one answer; see the module docstring."""
     if benchmark == "bokvqa_en":
         return label.strip().lower() in prediction.lower()
-    prediction, label = prediction.strip(), label.strip()
     if benchmark == "koviz":
         return (prediction in label or (prediction in PAPER_YES and label == "예")
                 or (prediction in PAPER_NO and label == "아니요"))

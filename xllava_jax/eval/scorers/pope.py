@@ -2,12 +2,18 @@
 yes-ratio with "yes" as the positive class.
 
 Gold: `--annotations` one or more POPE files (`coco_pope_{random,popular,adversarial}.json`, JSON lines with
-`question_id`, `text`, `label`); the split is the file name after `pope_`. Answers are matched by question id
-within their split (LLaVA's script zips answers and labels in file order instead). An answer's split is its
-`category` (LLaVA's POPE question file and our runner copy it) or, with a single annotation file, that file's.
-Without `--annotations`, each answer line's own `label` (and `category`, else split "all") is the gold.
-A question without an answer counts as wrong in the split's accuracy; precision, recall, F1 and yes-ratio are
-over the answered questions. The headline `accuracy` and `f1` are the means over splits.
+`question_id`, `text`, `label`); the split is the file name after `pope_`. The split of an answer comes from:
+  - `--questions`, LLaVA's question JSONL (`llava_pope_test.jsonl`: `question_id`, `image`, `text`, `category`),
+    as LLaVA's `eval_pope.py` takes it: the answer's question id names a question, whose `category` is the split.
+    That file numbers its questions over all splits while each annotation file restarts at 1; it was made by
+    concatenating the annotation files, so the n-th question of a split is the n-th line of its annotation file
+    (checked: same count, same `image`). Without `--annotations`, the question lines' own `label` is the gold.
+  - otherwise the answer line's `category` (our runner copies it) or, with a single annotation file, that
+    file's split; answers are then matched by question id within their split.
+Without `--annotations` and `--questions`, each answer line's own `label` (and `category`, else split "all") is the
+gold. LLaVA's script zips answers and labels in file order; here answers are matched by question id, so their order
+does not matter. A question without an answer counts as wrong in the split's accuracy; precision, recall, F1 and
+yes-ratio are over the answered questions. The headline `accuracy` and `f1` are the means over splits.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from xllava_jax.eval.answers import Record, ScoreError, read_answers, read_jsonl
+from xllava_jax.eval.answers import Record, ScoreError, load_questions, read_answers, read_jsonl
 from xllava_jax.eval.scorers.common import ScoreRequest, header, pct
 
 
@@ -56,23 +62,53 @@ def split_metrics(pairs: list[tuple[str, str | None]]) -> dict:
             "yes_ratio": pct(tp + fp, len(answered))}
 
 
-def _gold(req: ScoreRequest, answers: list[Record]) -> dict[str, dict[str, str]]:
-    if not req.annotations:
-        gold: dict[str, dict[str, str]] = {}
-        for a in answers:
-            gold.setdefault(str(a.data.get("category", "all")), {})[a.qid] = _label(a)
-        return gold
-    gold = {}
+def _annotation_files(req: ScoreRequest) -> dict[str, tuple[Path, list[Record]]]:
+    """Split name -> (annotation file, its lines in file order), each line with a question id and a yes/no label."""
+    files: dict[str, tuple[Path, list[Record]]] = {}
     for path in req.annotations:
         name = split_name(Path(path))
-        if name in gold:
+        if name in files:
             raise ScoreError(f"{path}: a second annotation file for split {name}")
-        gold[name] = {}
-        for record in read_jsonl(path):
+        records, seen = read_jsonl(path), set()
+        for record in records:
             record.require("question_id", (int, str))
-            if record.qid in gold[name]:
+            _label(record)
+            if record.qid in seen:
                 raise ScoreError(f"{record.where}: duplicate question id {record.qid}")
-            gold[name][record.qid] = _label(record)
+            seen.add(record.qid)
+        files[name] = (Path(path), records)
+    return files
+
+
+def _gold_by_question_file(req: ScoreRequest) -> dict[str, dict[str, str]]:
+    """Split -> {question id of `--questions` -> label}: the question file's `category` names the split; the
+    labels are the annotation file's lines in order (or, without annotations, the question lines' own)."""
+    by_split: dict[str, list[Record]] = {}
+    for question in load_questions(req.questions).values():
+        by_split.setdefault(question.require("category", str), []).append(question)
+    if not req.annotations:
+        return {split: {q.qid: _label(q) for q in questions} for split, questions in by_split.items()}
+    gold = {}
+    for split, (path, labels) in _annotation_files(req).items():
+        questions = by_split.get(split, [])
+        if len(questions) != len(labels):
+            raise ScoreError(f"{req.questions}: {len(questions)} question(s) of split {split} (`category`), but "
+                             f"{path} has {len(labels)} lines; LLaVA's question file pairs them in order")
+        for question, label in zip(questions, labels):
+            if question.data.get("image") != label.data.get("image"):
+                raise ScoreError(f"{question.where}: image {question.data.get('image')!r}, but the line in the same "
+                                 f"place of split {split}, {label.where}, has {label.data.get('image')!r}")
+        gold[split] = {q.qid: _label(label) for q, label in zip(questions, labels)}
+    return gold
+
+
+def _gold(req: ScoreRequest, answers: list[Record]) -> dict[str, dict[str, str]]:
+    """Split -> {question id -> label} from the annotation files, else from the answer lines."""
+    if req.annotations:
+        return {name: {r.qid: _label(r) for r in records} for name, (_, records) in _annotation_files(req).items()}
+    gold: dict[str, dict[str, str]] = {}
+    for a in answers:
+        gold.setdefault(str(a.data.get("category", "all")), {})[a.qid] = _label(a)
     return gold
 
 
@@ -87,13 +123,15 @@ def _split_of(answer: Record, splits: list[str]) -> str:
 
 def score(req: ScoreRequest) -> dict:
     """Per-split POPE figures plus their means (headline `accuracy` = mean accuracy)."""
-    answers = read_answers(req.answers, extra_key=("category",))
-    gold = _gold(req, answers)
+    by_question_file = req.questions is not None
+    answers = read_answers(req.answers, extra_key=() if by_question_file else ("category",))
+    gold = _gold_by_question_file(req) if by_question_file else _gold(req, answers)
+    question_split = {qid: split for split, labels in gold.items() for qid in labels}
     predictions: dict[str, dict[str, str]] = {name: {} for name in gold}
     ignored = 0
     for answer in answers:
-        split = _split_of(answer, list(gold))
-        if answer.qid in gold[split] and answer.round_id == 0:
+        split = question_split.get(answer.qid) if by_question_file else _split_of(answer, list(gold))
+        if split is not None and answer.qid in gold[split] and answer.round_id == 0:
             predictions[split][answer.qid] = llava_yes_no(answer.data["text"])
         else:
             ignored += 1
