@@ -26,6 +26,10 @@ setup(
         "importlib_resources",  # tensorflow-datasets imports it lazily when building a dataset
         "tensorboardX==2.6.5",
         "matplotlib==3.11.2",
+        "pylopdf-fonts-ko==0.1.1",  # Noto Sans KR (9.6 MB, OFL): the Korean text in the demo's report.png
+        "protobuf==7.36.2",  # the vocabulary tools edit SentencePiece model protos
+        "ml_dtypes==0.7.0",
+        "absl-py==2.5.1",
     ],
     extras_require={
         "test": [
@@ -35,6 +39,11 @@ setup(
             "openai==3.57.0",
             "pytest",
         ],
+        # Reading PyTorch .bin checkpoints (`xllava convert hf2jax --allow-bin`); exact, as a range pulls a CUDA build.
+        "torch": ["torch==2.13.0"],
+        # Accelerators, at the versions jax 0.10.2's own `cuda12` and `tpu` extras require.
+        "cuda": ["jax-cuda12-plugin[with-cuda]==0.10.2"],
+        "tpu": ["libtpu==0.0.42.*", "requests"],
     },
     entry_points={"console_scripts": ["xllava=xllava_jax.cli:main"]},
 )

@@ -32,7 +32,7 @@ import model_bench as mb  # noqa: E402  (the HF anchor, batch maker and machine 
 
 from xllava_jax.train.config import apply_overrides, load_config  # noqa: E402
 from xllava_jax.train.flops import model_flops_per_step  # noqa: E402
-from xllava_jax.train.trainer import make_mesh, prepare  # noqa: E402
+from xllava_jax.train.setup import make_mesh, prepare  # noqa: E402
 
 
 def main(argv=None) -> None:

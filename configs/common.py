@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from xllava_jax.sharding import DEFAULT_RULES
+
+RECIPE_SCALE = ("llava15_7b", "llava15_13b", "xllava_13b")
+
 
 def base(stage: str, preset: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -20,6 +24,8 @@ def base(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.model.dtype = "float32"          # compute dtype (bfloat16 for mixed precision)
     c.model.param_dtype = "float32"    # master weights
     c.model.remat = "none"             # none | full | dots
+    c.model.scan_layers = False        # each tower's layers as one scanned block (fast compiles of big models)
+    c.model.attention = "auto"         # auto | xla | cudnn | splash | cpu_blocked (auto: from the mesh's devices)
 
     c.data = ml_collections.ConfigDict()
     c.data.corpus = ""       # VIF JSON/JSONL files, comma-separated (align, vif)
@@ -32,6 +38,9 @@ def base(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.data.aspect = "pad"    # pad | crop | resize
     c.data.max_len = 2048
     c.data.overflow = "truncate"
+    c.data.pack = False      # align / vif: several conversations per row of max_len (segment ids, image slots)
+    c.data.images_per_row = 0  # packed rows' image slots (0: max_len // (image tokens + 64))
+    c.data.pack_window = 128   # records packed together, first-fit decreasing (each held with its pixels)
     c.data.strict = False
     c.data.num_workers = 0
 
@@ -65,6 +74,15 @@ def base(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.mesh.data = -1                 # -1: the devices left over
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    # logical axis -> mesh axes ("fsdp", "data+fsdp", "" = replicated); e.g. --config.mesh.rules.embed=tensor
+    c.mesh.rules = ml_collections.ConfigDict({name: "+".join(rule) if isinstance(rule, tuple) else (rule or "")
+                                              for name, rule in DEFAULT_RULES.items()})
+
+    if preset.removesuffix("_lora") in RECIPE_SCALE:
+        # The 7B / 13B recipe on accelerators: bf16 compute over fp32 master weights, each layer's activations
+        # recomputed in the backward, and scanned layers (one compiled layer instead of 40).
+        c.model.dtype, c.model.remat, c.model.scan_layers = "bfloat16", "full", True
+        c.mesh.data, c.mesh.fsdp = 1, -1  # FSDP over every chip (weights, gradients and optimizer state split)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 200

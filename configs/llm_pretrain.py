@@ -18,7 +18,7 @@ def get_config(preset: str = "demo"):
     c.train.weight_decay = 0.0
     c.lora.r, c.lora.alpha, c.lora.dropout = 8, 32.0, 0.05
     c.data.max_len = 2048
-    c.train.batch_size = 8
+    c.train.batch_size = 16         # not given by the paper; one 2048-token row per chip of a v5e-16
     if preset == "demo":
         c.train.steps, c.train.batch_size, c.data.max_len = 150, 16, 128
         c.lora.r = 0

@@ -7,7 +7,7 @@ lr 2e-4, projector lr 2e-5) is the preset `xllava_13b_lora` (XLLAVA.md section 4
       --config.data.image_root=images --workdir runs/vif
 """
 
-from common import base
+from common import RECIPE_SCALE, base
 
 
 def get_config(preset: str = "demo"):
@@ -18,6 +18,10 @@ def get_config(preset: str = "demo"):
     c.data.template = "llava_llama_2"
     c.data.aspect = "pad"
     c.lora.alpha = 256.0
+    if preset.removesuffix("_lora") in RECIPE_SCALE:
+        # Packed: several conversations per 2048-token row (about 2.1 at the LLaVA-665K mix,
+        # benchmarks/packing_bench.py), so 64 rows hold about the recipe's 128 conversations.
+        c.data.pack, c.train.batch_size = True, 64
     if preset.endswith("_lora"):
         c.model.preset = preset[: -len("_lora")]
         c.lora.r, c.lora.alpha = 128, 256.0

@@ -49,6 +49,18 @@ def test_greedy_matches_hf_generate_with_left_padding(setup, greedy):
     assert out[:, width:].tolist() == greedy
 
 
+@pytest.mark.parametrize("attention", ["cpu_blocked", "xla"])
+def test_scanned_layers_generate_the_same_tokens(setup, greedy, tmp_path, attention):
+    """Prefill and decode through stacked layers (one (k, v) cache of float[L, B, S, K, H]) give the
+    greedy tokens of per-layer modules, with either attention kernel."""
+    hf, _, prompts, pixels = setup
+    hf.save_pretrained(tmp_path)
+    model = xllava_jax.load_pretrained(tmp_path, scan_layers=True, attention=attention)
+    cache = model.language_model.init_cache(2, 8)
+    assert len(cache) == 1 and cache[0][0].shape[0] == hf.config.text_config.num_hidden_layers
+    assert G.Generator(model).generate(prompts, pixels, GREEDY).tokens == greedy
+
+
 def test_rows_alone_match_the_batch(setup, greedy):
     _, generator, prompts, pixels = setup
     alone = [generator.generate([prompts[0]], pixels, GREEDY), generator.generate([prompts[1]], None, GREEDY)]

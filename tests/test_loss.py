@@ -53,6 +53,43 @@ def test_head_loss_equals_full_logits_loss_with_gradients(chunk, vocab_major):
     assert int(count) == int(_reference(h, w, labels, vocab_major)[1])
 
 
+@pytest.mark.parametrize("vocab_major", [False, True])
+def test_head_loss_with_the_batch_split_over_devices_sums_the_lm_head_gradient_once(vocab_major):
+    """Under a mesh and activation rules the lm_head gradient is kept per batch shard inside the
+    chunk loop and reduced once after it (no all-reduce per chunk): the same values and gradients,
+    and exactly one all-reduce / reduce-scatter of a weight-sized array in the compiled program."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from xllava_jax import sharding
+
+    rng = np.random.default_rng(3)
+    b, s, d, v = 8, 23, 16, 56
+    h = jnp.asarray(rng.normal(size=(b, s, d)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(v, d) if vocab_major else (d, v)) * 0.3, jnp.float32)
+    labels = jnp.concatenate([_labels(rng, 4, s, v), _labels(rng, 4, s, v)])
+    mesh = sharding.make_mesh((2, 4, 1))
+    rows = NamedSharding(mesh, P(("data", "fsdp")))
+    fn = jax.jit(jax.value_and_grad(lambda h, w: head_loss_sum(h, w, labels, chunk=5, vocab_major=vocab_major)[0],
+                                    argnums=(0, 1)))
+    with jax.set_mesh(mesh), sharding.activation_rules():
+        args = (jax.device_put(h, rows), jax.device_put(w, NamedSharding(mesh, P())))
+        got_loss, got_grads = fn(*args)
+        hlo = fn.lower(*args).compile().as_text()
+    want_loss, want_grads = jax.value_and_grad(lambda h, w: _reference(h, w, labels, vocab_major)[0],
+                                               argnums=(0, 1))(h, w)
+    assert float(got_loss) == pytest.approx(float(want_loss), rel=1e-6)
+    for got, ref in zip(got_grads, want_grads):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)
+    computation, reductions = "", []
+    for line in hlo.splitlines():
+        if line and not line.startswith(" "):
+            computation = line.split(" ")[0]            # ENTRY, or a loop body's computation
+        if ("all-reduce(" in line or "reduce-scatter(" in line) and (f"[{d},{v}]" in line or f"[{v},{d}]" in line):
+            reductions.append(computation)
+    assert reductions == ["ENTRY"], reductions            # once, after the loop; not once per chunk
+
+
 def test_head_loss_without_supervised_tokens_is_zero_with_zero_gradients():
     h, w = jnp.ones((2, 6, 4)), jnp.ones((4, 9))
     labels = jnp.full((2, 6), IGNORE_INDEX)

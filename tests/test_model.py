@@ -12,7 +12,7 @@ import xllava_jax
 from xllava_jax.config import ModelConfig
 from xllava_jax.models.loss import IGNORE_INDEX, next_token_loss
 from xllava_jax.models.xllava import build_model
-from xllava_jax.train.sharding import LOGICAL_RULES
+from xllava_jax.sharding import DEFAULT_RULES as LOGICAL_RULES
 
 TINY = ModelConfig.tiny()
 
@@ -92,26 +92,26 @@ def test_bfloat16_compute_and_params():
 
 def test_single_row_matmul_split_over_the_cores_gives_the_dot_and_its_gradients():
     """The CPU matmul of one row (a batch-1 decode step) runs as row blocks of the kernel, partial
-    sums added (layers._dot_cpu): the same value and gradients as jnp.dot, in float32 and bfloat16."""
-    from xllava_jax.models import layers
+    sums added (ops._dot_cpu): the same value and gradients as jnp.dot, in float32 and bfloat16."""
+    from xllava_jax.models import ops
 
     rng = np.random.default_rng(0)
     kernel = jnp.asarray(rng.standard_normal((512, 384), dtype=np.float32) * 0.05)
     for shape in ((1, 1, 512), (512,), (2, 512), (1, 4, 512)):
         x = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
         want = np.asarray(x, np.float64) @ np.asarray(kernel, np.float64)
-        np.testing.assert_allclose(np.asarray(layers.matmul(x, kernel)), want, rtol=1e-5, atol=1e-4, err_msg=shape)
-        grads = jax.grad(lambda a, b: jnp.sum(jnp.sin(layers.matmul(a, b))), argnums=(0, 1))(x, kernel)
+        np.testing.assert_allclose(np.asarray(ops.matmul(x, kernel, "cpu")), want, rtol=1e-5, atol=1e-4, err_msg=shape)
+        grads = jax.grad(lambda a, b: jnp.sum(jnp.sin(ops.matmul(a, b, "cpu"))), argnums=(0, 1))(x, kernel)
         ref = jax.grad(lambda a, b: jnp.sum(jnp.sin(jnp.dot(a, b))), argnums=(0, 1))(x, kernel)
         for got, exp in zip(grads, ref):
             np.testing.assert_allclose(np.asarray(got), np.asarray(exp), rtol=1e-4, atol=1e-4, err_msg=shape)
     # a single row takes the split (a sum over the blocks); several rows, an odd depth, a large kernel do not
-    split = {shape: "reduce_sum" in str(jax.make_jaxpr(layers._dot_cpu)(jnp.ones(shape), jnp.ones(k)))
+    split = {shape: "reduce_sum" in str(jax.make_jaxpr(ops._dot_cpu)(jnp.ones(shape), jnp.ones(k)))
              for shape, k in (((1, 1, 512), (512, 384)), ((2, 512), (512, 384)), ((1, 510), (510, 384)),
                               ((1, 512), (512, 8192)))}
     assert split == {(1, 1, 512): True, (2, 512): False, (1, 510): False, (1, 512): False}, split
     x16, k16 = jnp.ones((1, 1, 512), jnp.bfloat16) * 0.5, kernel.astype(jnp.bfloat16)
-    got = layers.matmul(x16, k16)
+    got = ops.matmul(x16, k16, "cpu")
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(jnp.dot(x16, k16), np.float32), rtol=2e-2,
                                atol=2e-2)
@@ -119,7 +119,8 @@ def test_single_row_matmul_split_over_the_cores_gives_the_dot_and_its_gradients(
 
 @pytest.mark.parametrize("kv_heads,first_slot", [(4, 0), (2, 0), (2, None), (1, 0)])
 def test_cpu_attention_value_and_gradients_match_dot_product_attention(kv_heads, first_slot):
-    from xllava_jax.models.llama import ATTENTION_BLOCK, causal_attention, causal_mask
+    from xllava_jax.models.llama import causal_mask
+    from xllava_jax.models.ops import ATTENTION_BLOCK, causal_attention
 
     b, t, n, h = 2, ATTENTION_BLOCK + 9, 4, 16          # two query blocks, the second one partial
     rng = np.random.default_rng(kv_heads)
@@ -143,3 +144,32 @@ def test_cpu_attention_value_and_gradients_match_dot_product_attention(kv_heads,
     d_out = d_out * jnp.asarray(rows)[:, :, None, None]
     for a, ref in zip(got_vjp(d_out), want_vjp(d_out)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(ref), atol=2e-5)
+
+
+def test_splash_attention_matches_the_dense_mask_with_padding_and_segments():
+    """The TPU kernel (Pallas splash attention, interpreted on this CPU) against the XLA path on the
+    same causal + padding + packing mask: values and gradients over every non-padding position."""
+    from xllava_jax.models import ops
+    from xllava_jax.models.llama import attention_segments, causal_mask
+
+    rng = np.random.default_rng(0)
+    b, t, n, k, h = 2, 128, 4, 2, 32
+    q = jnp.asarray(rng.standard_normal((b, t, n, h), np.float32))
+    key, value = (jnp.asarray(rng.standard_normal((b, t, k, h), np.float32)) for _ in range(2))
+    mask_in = np.ones((b, t), np.int32)
+    mask_in[1, 100:] = 0                                   # right padding
+    segments_in = np.ones((b, t), np.int32)
+    segments_in[0, 60:] = 2                                # two packed documents
+    mask = causal_mask(jnp.broadcast_to(jnp.arange(t)[None], (b, t)), t, jnp.asarray(mask_in), jnp.asarray(segments_in))
+    segments = attention_segments(b, t, jnp.asarray(mask_in), jnp.asarray(segments_in))
+    keep = jnp.asarray(mask_in, jnp.float32)[:, :, None, None]
+
+    def run(impl, *qkv):
+        return ops.attention(*qkv, mask, impl=impl, platform="cpu", first_slot=0, segments=segments, cached=False)
+
+    np.testing.assert_allclose(np.asarray(run("splash", q, key, value) * keep),
+                               np.asarray(run("xla", q, key, value) * keep), atol=1e-5)
+    grads = {impl: jax.grad(lambda *qkv, impl=impl: jnp.sum(jnp.sin(run(impl, *qkv)) * keep), argnums=(0, 1, 2))(
+        q, key, value) for impl in ("splash", "xla")}
+    for got, want in zip(grads["splash"], grads["xla"]):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)

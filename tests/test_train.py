@@ -35,18 +35,11 @@ from xllava_jax.config import ModelConfig
 from xllava_jax.data.synthetic import synthesize
 from xllava_jax.models.loss import IGNORE_INDEX
 from xllava_jax.models.xllava import XLlava
+from xllava_jax.sharding import MESH_AXES, activation_rules, logical_to_spec
 from xllava_jax.train.config import apply_overrides, load_config
 from xllava_jax.train.metrics import read_metrics
-from xllava_jax.train.sharding import MESH_AXES, logical_to_spec
-from xllava_jax.train.trainer import (
-    EMPTY_STEPS_LIMIT,
-    TrainingError,
-    build_model,
-    global_batch,
-    make_mesh,
-    prepare,
-    train,
-)
+from xllava_jax.train.setup import initial_model, make_mesh, model_config, prepare
+from xllava_jax.train.trainer import EMPTY_STEPS_LIMIT, TrainingError, global_batch, train
 
 ROOT = Path(__file__).resolve().parents[1]
 VIF, ALIGN, PRETRAIN = (f"{ROOT}/configs/{stage}.py:demo" for stage in ("vif", "align", "llm_pretrain"))
@@ -149,7 +142,7 @@ def start_model(config) -> nnx.Module:
     """The model a run of `config` starts from (a random init is a function of the seed)."""
     mesh = make_mesh(config.mesh)
     with jax.set_mesh(mesh):
-        return build_model(config, mesh)
+        return initial_model(config, model_config(config, list(mesh.devices.flat)), mesh, None)
 
 
 def assert_same_rows(got: list[dict], want: list[dict], keys=("loss", "grad_norm", "supervised_tokens")) -> None:
@@ -190,10 +183,12 @@ def reference(corpus, env, tmp_path_factory) -> Path:
 def test_metrics_tensorboard_plot_and_final_checkpoint(reference):
     rows = read_metrics(reference)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    for key in ("step", "loss", "supervised_tokens", "tokens_per_s", "lr_projector", "lr_llm", "lr_embeddings",
-                "grad_norm", "skipped_records", "nonfinite_steps_skipped", "mfu", "tflops"):
+    for key in ("step", "loss", "supervised_tokens", "tokens_per_s", "useful_tokens_per_s", "lr_projector", "lr_llm",
+                "lr_embeddings", "grad_norm", "skipped_records", "nonfinite_steps_skipped", "mfu", "tflops"):
         assert all(key in r for r in rows), key
     assert all(math.isfinite(r["loss"]) and r["supervised_tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert all(0 < r["useful_tokens_per_s"] <= r["tokens_per_s"] for r in rows)
+    assert any(r["useful_tokens_per_s"] < r["tokens_per_s"] for r in rows)  # the padding is not counted
     assert all(0 < r["mfu"] < 2 for r in rows[1:])  # step 1 includes compilation
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert all(r["skipped_records"] == 0 and r["nonfinite_steps_skipped"] == 0 for r in rows)
@@ -228,12 +223,6 @@ def test_bad_config_is_one_line_and_exit_code_2(override, message, corpus, tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("xllava: error: ") and message in err[0], err[0]
-
-
-def test_launch_scripts_parse():
-    for script in [*sorted((ROOT / "launch").glob("*.sh")), ROOT / "launch" / "slurm_gpu.sbatch"]:
-        proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
-        assert proc.returncode == 0, f"{script.name}: {proc.stderr}"
 
 
 # ------------------------------------------------------- 1. frozen parts, per-group learning rates
@@ -427,7 +416,7 @@ def one_step(config, mesh, batch) -> tuple[float, dict, object]:
     # `prepare` places everything explicitly; outside the mesh context the eager random-init ops
     # compile once for all meshes instead of once per mesh.
     run = prepare(config, mesh)
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), activation_rules(run.rules):
         state, metrics = run.step_fn(run.state, run.frozen, global_batch(batch, mesh))
     return float(metrics["loss"]), state, run
 
@@ -617,3 +606,28 @@ def test_llm_pretrain_with_lora_trains_adapters_and_writes_a_merged_model(corpus
             assert np.array_equal(value, start_params[name]), f"{name} changed"
     for name in ("language_model.embed_tokens.embedding", "language_model.lm_head.kernel"):
         assert not np.array_equal(final[name], start_params[name]), f"{name} did not train"
+
+
+def test_an_export_killed_half_way_is_redone_by_the_rerun(corpus, tmp_path, monkeypatch):
+    """The final checkpoint is written into FINAL.partial and renamed when complete: a run killed
+    after the parameters but before the metadata (the export's last write) leaves no FINAL, and the
+    rerun (which resumes at the last step and trains nothing) writes it whole."""
+    from xllava_jax import checkpoint as ckpt
+
+    overrides = vif_overrides(corpus, train__steps=2, checkpoint__every=2)
+    real_save = ckpt.save_checkpoint
+
+    def killed_after_params(path, model, **kw):
+        real_save(path, model, **kw)
+        (Path(path) / ckpt.META_FILE).unlink()
+        raise KeyboardInterrupt("killed between params/ and xllava.json")
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", killed_after_params)
+    with pytest.raises(KeyboardInterrupt):
+        train(in_process_config(VIF, overrides), tmp_path)
+    assert not (tmp_path / "final").exists() and (tmp_path / "final.partial" / "params").exists()
+    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    out = train(in_process_config(VIF, overrides), tmp_path)
+    assert out == tmp_path / "final" and ckpt.is_checkpoint(out) and not (tmp_path / "final.partial").exists()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    load_checkpoint(out)

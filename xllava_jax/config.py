@@ -17,6 +17,9 @@ ROPE_TYPES = ("default", "linear", "llama3")
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
 SELECT_STRATEGIES = ("default", "full")
 REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "cpu_blocked")
+# Settings of how a model runs rather than what it is: not written into checkpoints.
+RUNTIME_FIELDS = ("attention", "platform")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # The original LLaVA code marks the image slot with this id (never a vocabulary row).
 LLAVA_IMAGE_TOKEN_INDEX = -200
@@ -137,7 +140,9 @@ class ModelConfig:
     """X-LLaVA: vision tower -> projector -> LLM, with image features at the placeholder ids.
 
     `vision` is None for a text-only model (the LLM-pretraining stage). `dtype` is the compute dtype,
-    `param_dtype` the storage dtype of the parameters.
+    `param_dtype` the storage dtype of the parameters. `scan_layers` stacks each tower's layers into
+    one scanned block (parameters with a leading `layers` axis). `attention` is the kernel setting
+    (models/ops.py) and `platform` the target it is resolved for ("": the default devices' at build).
     """
 
     text: TextConfig = field(default_factory=TextConfig)
@@ -149,8 +154,13 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    scan_layers: bool = False
+    attention: str = "auto"
+    platform: str = ""
 
     def __post_init__(self):
+        if self.attention not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
         if self.projector_type not in PROJECTOR_TYPES:
             raise ConfigError(f"projector_type must be one of {PROJECTOR_TYPES}, got {self.projector_type!r}")
         if self.vision_feature_select_strategy not in SELECT_STRATEGIES:
@@ -187,7 +197,7 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME_FIELDS}
         out["text"] = self.text.to_dict()
         out["vision"] = None if self.vision is None else self.vision.to_dict()
         return out

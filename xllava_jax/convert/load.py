@@ -8,6 +8,7 @@ way, one output shard at a time.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,13 @@ from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from xllava_jax import checkpoint as ckpt
-from xllava_jax.config import ConfigError
+from xllava_jax.config import ConfigError, ModelConfig
 from xllava_jax.convert import formats, hf
+from xllava_jax.convert.prompt import write_chat_template
+from xllava_jax.models.ops import target_platform
+from xllava_jax.models.scan import per_layer_params, restack
 from xllava_jax.models.vision import VisionTower
+from xllava_jax.models.xllava import XLlava
 
 Sharding = Callable[[tuple, tuple], Any]
 DEFAULT_SHARD_BYTES = 5 * 1024**3
@@ -78,7 +83,12 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
 
 def _iter_bin(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     import ml_dtypes
-    import torch
+
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError(f'{path}: reading PyTorch .bin weights needs torch: pip install -e ".[torch]" '
+                              "(or convert the checkpoint to safetensors)") from None
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -119,11 +129,13 @@ def load_hf_weights(abstract: nnx.Module, sources: list[tuple[Path, str]], src: 
     prefix = _path_prefix(abstract)
     flat = {prefix + _dotted(p): (p, v) for p, v in nnx.to_flat_state(state)}
     loaded: dict[str, Any] = {}
-    unexpected, misshaped = [], []
+    unexpected, misshaped, seen = [], [], []
     bar = tqdm(total=_count_tensors([f for f, _ in sources]), unit="tensor", desc="reading", disable=not progress)
     for file, fmt in sources:
         for key, tensor in iter_tensors(file):
             bar.update()
+            if fmt == sources[0][1]:
+                seen.append(key)
             canon = hf.to_canonical(key, fmt)
             if canon == hf.IGNORED or (canon == "lm_head.weight" and tied):
                 continue
@@ -143,7 +155,9 @@ def load_hf_weights(abstract: nnx.Module, sources: list[tuple[Path, str]], src: 
             shard = sharding(var.get_metadata().get("logical_axes"), var.shape) if sharding else None
             loaded[path] = jax.device_put(array, shard) if shard is not None else jax.numpy.asarray(array)
     bar.close()
-    missing = [_hf_name(p, sources[0][1]) for p in flat if p not in loaded]
+    projector = getattr(abstract.cfg, "projector_type", "mlp2x_gelu")
+    layout = hf.layout_of(seen, sources[0][1], projector) or _first_layout(sources[0][1])
+    missing = [_hf_name(p, layout, projector) for p in flat if p not in loaded]
     problems = [_summary(label, items) for label, items in
                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if items]
     if problems:
@@ -157,19 +171,25 @@ def _path_prefix(model: nnx.Module) -> str:
     return "vision_tower." if isinstance(model, VisionTower) else ""
 
 
-def _hf_name(path: str, fmt: str) -> str:
-    """The checkpoint key a parameter has in layout `fmt` (our path when the layout has none)."""
+def _first_layout(fmt: str) -> str:
+    return next(layout for layout, of in hf.FORMAT_OF.items() if of == fmt)
+
+
+def _hf_name(path: str, layout: str, projector_type: str) -> str:
+    """The checkpoint key a parameter has in `layout` (our path when the layout has none)."""
     try:
-        return hf.from_canonical(hf.ours_to_canonical(path)[0], fmt)
+        return hf.from_canonical(hf.ours_to_canonical(path)[0], layout, projector_type)
     except KeyError:
         return path
 
 
 def load_hf(src: str | Path, *, vision_src: str | Path | None = None, dtype: str | None = None,
             param_dtype: str | None = None, remat: str = "none", sharding: Sharding | None = None,
-            allow_bin: bool = False, progress: bool = False) -> tuple[nnx.Module, dict[str, Any]]:
+            allow_bin: bool = False, progress: bool = False,
+            kernels: dict[str, str] | None = None) -> tuple[nnx.Module, dict[str, Any]]:
     """Read a HF directory in any supported layout. Returns (model, metadata with the layout and
-    source config). The parameter dtype defaults to the checkpoint's."""
+    source config). The parameter dtype defaults to the checkpoint's; `kernels` ({"attention",
+    "platform"}) choose the model's kernels (models/ops.py)."""
     src = Path(src)
     if not src.is_dir():
         raise ConversionError(f"{src}: not a directory")
@@ -189,7 +209,7 @@ def load_hf(src: str | Path, *, vision_src: str | Path | None = None, dtype: str
                 vision_config = read_json(vision_dir / "config.json")
                 sources += [(f, "clip") for f in weight_files(vision_dir, allow_bin)]
         cfg = formats.model_config_from_hf(config, fmt, vision_config)
-        changes = {"remat": remat}
+        changes = {"remat": remat, **(kernels or {})}
         if dtype:
             changes["dtype"] = dtype
         if param_dtype:
@@ -201,6 +221,26 @@ def load_hf(src: str | Path, *, vision_src: str | Path | None = None, dtype: str
     model = load_hf_weights(abstract, sources, src, tied=cfg.text.tie_word_embeddings, sharding=sharding,
                             progress=progress)
     return model, {"format": fmt, "source": config, "vision_source": vision_config}
+
+
+def init_model_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a checkpoint to start from (ours or a HF directory) without reading weights."""
+    if ckpt.is_checkpoint(path):
+        meta = ckpt.read_meta(path)
+        if meta["kind"] != "xllava":
+            raise ConversionError(f"{path}: a lone vision tower, not a model to train (use init_vision for it)")
+        return ckpt.config_from_meta(meta)
+    src = Path(path)
+    config = read_json(src / "config.json")
+    try:
+        fmt = formats.detect_format(config)
+        if fmt == "clip":
+            raise ConversionError(f"{src}: a lone CLIP vision model, not a model to train (use init_vision for it)")
+        vision_dir = src / "vision_tower"
+        vision = read_json(vision_dir / "config.json") if fmt == "llava" and vision_dir.is_dir() else None
+        return formats.model_config_from_hf(config, fmt, vision)
+    except ConfigError as e:
+        raise ConversionError(f"{src / 'config.json'}: {e}") from None
 
 
 def _plan_shards(entries: list[tuple[str, Any]], max_bytes: int) -> list[list[tuple[str, Any]]]:
@@ -240,29 +280,46 @@ def write_safetensors(entries: list[tuple[str, Any, str]], out: Path, max_shard_
     return names
 
 
-def hf_entries(model: nnx.Module, fmt: str, component: str | None = None) -> list[tuple[str, Any, str]]:
-    """(HF key, array, transform) for every parameter that layout `fmt` stores."""
+def hf_entries(model: nnx.Module, layout: str, component: str | None = None) -> list[tuple[str, Any, str]]:
+    """(HF key, array, transform) for every parameter that `layout` stores."""
     entries = []
     prefix = _path_prefix(model)
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        canon, transform = hf.ours_to_canonical(prefix + _dotted(path))
+    projector = getattr(model.cfg, "projector_type", "mlp2x_gelu")
+    for path, value in per_layer_params(model):  # scanned layers one layer at a time, sliced when written
+        canon, transform = hf.ours_to_canonical(prefix + path)
         if component and not canon.startswith(component):
             continue
         try:
-            key = hf.from_canonical(canon, fmt)
+            key = hf.from_canonical(canon, layout, projector)
         except KeyError:
             continue
-        entries.append((key, var[...], transform))
+        entries.append((key, value, transform))
     return entries
 
 
-def save_hf(model: nnx.Module, out: str | Path, fmt: str, *, source: dict[str, Any] | None = None,
+def installed_layout() -> str:
+    """The LLaVA layout to write by default: the installed transformers' (hf5 when it cannot be found, said on
+    stderr)."""
+    layout, found = hf.installed_llava_layout()
+    if layout is None:
+        print(f"xllava: note: {found}; writing the transformers 5 layout (hf5); pass --layout to choose",
+              file=sys.stderr)
+    return layout or "hf5"
+
+
+def save_hf(model: nnx.Module, out: str | Path, layout: str, *, source: dict[str, Any] | None = None,
             vision_source: dict[str, Any] | None = None, tokenizer_dir: str | Path | None = None,
+            prompt: tuple[str, str, str | None] | None = None, vision_name: str | None = None,
             max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False) -> Path:
-    """Write `model` as a HF directory in layout `fmt` (hf-llava, llava, llama, clip). For `llava` the
-    vision tower goes to OUT/vision_tower as a CLIPVisionModel (the original code loads it separately)."""
+    """Write `model` as a HF directory in `layout` (hf5, hf4_52, hf4, llava, llama, clip; `hf-llava`: the
+    installed transformers'). For `llava` the vision tower goes to OUT/vision_tower as a CLIPVisionModel (the
+    original code loads it separately) and `mm_vision_tower` names `vision_name` (its hub name), else that
+    folder. `prompt` ((template, mode, system)) goes into the tokenizer files as a chat template
+    (prompt.write_chat_template)."""
     out = Path(out)
     cfg = model.cfg
+    layout = installed_layout() if layout == "hf-llava" else layout
+    fmt = hf.FORMAT_OF[layout]
     if isinstance(model, VisionTower):
         if fmt != "clip":
             raise ConversionError(f"a vision tower can only be written as --format clip, not {fmt}")
@@ -274,67 +331,50 @@ def save_hf(model: nnx.Module, out: str | Path, fmt: str, *, source: dict[str, A
             return save_hf(model.vision_tower, out, fmt, source=vision_source, tokenizer_dir=None,
                            max_shard_bytes=max_shard_bytes, progress=progress)
         try:
-            config = formats.model_config_to_hf(cfg, fmt, source)
+            config = formats.model_config_to_hf(cfg, fmt, source, transformers4=layout in ("hf4", "hf4_52"))
         except ConfigError as e:
             raise ConversionError(f"cannot write --format {fmt}: {e}") from None
-    out.mkdir(parents=True, exist_ok=True)
-    entries = hf_entries(model, fmt, "vision." if fmt == "clip" else None)
     if fmt == "llava":
-        entries = [e for e in entries if not e[0].startswith("vision")]
-    write_safetensors(entries, out, max_shard_bytes, progress)
+        config["mm_vision_tower"] = vision_name or "vision_tower"
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(hf_entries(model, layout, "vision." if fmt == "clip" else None), out, max_shard_bytes, progress)
     (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     if fmt == "llava":
         save_hf(model.vision_tower, out / "vision_tower", "clip", source=vision_source,
                 max_shard_bytes=max_shard_bytes, progress=progress)
-        config.setdefault("mm_vision_tower", str((out / "vision_tower").absolute()))
-        (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     if tokenizer_dir is not None:
         ckpt.copy_tokenizer_files(tokenizer_dir, out)
+    if prompt is not None and fmt != "clip":
+        write_chat_template(out, *prompt, image_token_id=cfg.image_token_id if fmt == "hf-llava" else None)
     return out
 
 
 def load_pretrained(path: str | Path, *, vision_src: str | Path | None = None, dtype: str | None = None,
                     param_dtype: str | None = None, remat: str = "none", mesh=None, rules=None,
-                    allow_bin: bool = False) -> nnx.Module:
+                    allow_bin: bool = False, scan_layers: bool | None = None, attention: str | None = None,
+                    platform: str | None = None) -> nnx.Module:
     """A HF directory (hf-llava, original llava, llama, clip) or one of our checkpoints -> the model.
 
     `mesh` (with optional logical `rules`) places every parameter on its shard as it is read.
+    `scan_layers` (None: as stored) stacks or unstacks the layers after reading; `attention` and
+    `platform` choose the kernels (models/ops.py; default: resolved for the mesh's devices, or for
+    jax.devices() without a mesh).
     """
     sharding = None
     if mesh is not None:
-        from xllava_jax.train.sharding import param_sharding
+        from xllava_jax.sharding import param_sharding
 
         sharding = param_sharding(mesh, rules)
+        platform = platform or target_platform(mesh.devices.flat)
+    kernels = {k: v for k, v in (("attention", attention), ("platform", platform)) if v}
     if ckpt.is_checkpoint(path):
         overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v}
         if ckpt.read_meta(path)["kind"] == "xllava":
-            overrides["remat"] = remat
-        return ckpt.load_checkpoint(path, sharding=sharding, **overrides)[0]
-    return load_hf(path, vision_src=vision_src, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                   sharding=sharding, allow_bin=allow_bin)[0]
-
-
-def hf_to_checkpoint(src: str | Path, out: str | Path, *, vision_src: str | Path | None = None,
-                     param_dtype: str | None = None, allow_bin: bool = False, progress: bool = False) -> Path:
-    """`xllava convert hf2jax`: a HF directory -> our checkpoint (tokenizer files copied)."""
-    if ckpt.is_checkpoint(out) or (Path(out) / "params").exists():
-        raise ConversionError(f"{out}: already holds a checkpoint; choose an empty --out directory")
-    model, meta = load_hf(src, vision_src=vision_src, param_dtype=param_dtype, allow_bin=allow_bin,
-                          progress=progress)
-    source = {"config": meta["source"], "vision": meta.get("vision_source")}
-    return ckpt.save_checkpoint(out, model, source=source, source_format=meta["format"], tokenizer_dir=src)
-
-
-def checkpoint_to_hf(src: str | Path, out: str | Path, fmt: str = "hf-llava",
-                     max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False) -> Path:
-    """`xllava convert jax2hf`: our checkpoint -> a HF directory in layout `fmt` (tokenizer files copied)."""
-    if fmt not in hf.FORMATS:
-        raise ConversionError(f"unknown --format {fmt!r}; choose one of {', '.join(hf.FORMATS)}")
-    model, meta = ckpt.load_checkpoint(src)
-    source = meta.get("source") or {}
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ConversionError(f"{out}: exists and is not empty")
-    return save_hf(model, out, fmt, source=source.get("config"), vision_source=source.get("vision"),
-                   tokenizer_dir=src, max_shard_bytes=max_shard_bytes, progress=progress)
-
+            overrides.update(remat=remat, **kernels)
+        model = ckpt.load_checkpoint(path, sharding=sharding, **overrides)[0]
+    else:
+        model = load_hf(path, vision_src=vision_src, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                        sharding=sharding, allow_bin=allow_bin, kernels=kernels)[0]
+    if scan_layers is not None and isinstance(model, XLlava):
+        model = restack(model, scan_layers)
+    return model

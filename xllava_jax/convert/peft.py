@@ -101,7 +101,12 @@ def save_peft_adapter(model: nnx.Module, out_dir: str | Path, *, fmt: str = "hf-
     for path, module in lora_modules(model):
         for attr in SIDES:
             array = np.asarray(jax.device_get(getattr(module, attr)[...]))
-            tensors[_peft_key(f"{path}.{attr}", fmt)] = hf.to_hf(array, "linear")
+            if array.ndim == 3:  # scanned layers: float[L, ...], one adapter per layer in peft's file
+                for i, layer in enumerate(array):
+                    layer_path = path.replace(".layers.", f".layers.{i}.", 1)
+                    tensors[_peft_key(f"{layer_path}.{attr}", fmt)] = hf.to_hf(layer, "linear")
+            else:
+                tensors[_peft_key(f"{path}.{attr}", fmt)] = hf.to_hf(array, "linear")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -142,6 +147,9 @@ def load_peft_adapter(model: nnx.Module, adapter_dir: str | Path, *, rngs: nnx.R
         raise AdapterError(f"{src / CONFIG_FILE}: {e}") from None
     if lora_config(model) is not None:
         raise AdapterError("the model already has LoRA adapters")
+    if model.cfg.scan_layers:
+        raise AdapterError("peft adapters load into a model with one module per layer: load the base with "
+                           "scan_layers=False")
     expected = {}
     for path, parent, name in lora_sites(model):
         if name in targets:

@@ -31,8 +31,8 @@ from tqdm import tqdm
 from xllava_jax.data.conversation import MODES, TEMPLATES
 from xllava_jax.errors import UserError
 from xllava_jax.eval.questions import BENCHMARKS, Question, answer_key, read_questions
-from xllava_jax.infer.engine import Engine
-from xllava_jax.train.sharding import MESH_AXES
+from xllava_jax.infer.engine import MODE_HELP, TEMPLATE_HELP, Engine
+from xllava_jax.sharding import MESH_AXES
 
 EXAMPLES = """examples:
   xllava eval run --benchmark gqa --ckpt ckpt/xllava --data llava_gqa_testdev_balanced.jsonl \\
@@ -59,7 +59,7 @@ class RunOptions:
     image_root: str | Path | None = None
     batch_size: int = 8
     max_new_tokens: int = 128
-    template: str | None = None  # None: the checkpoint's (see Engine.load)
+    template: str | None = None  # None: resolved by Engine.load (convert.prompt.resolve_prompt)
     mode: str | None = None
     lang: str | None = None
     limit: int | None = None
@@ -230,10 +230,8 @@ def add_run_parser(steps) -> None:
     p.add_argument("--out", required=True, help="output directory (answers.jsonl)")
     p.add_argument("--batch-size", type=int, default=8, help="questions per batch (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="(default: %(default)s)")
-    p.add_argument("--template", choices=TEMPLATES,
-                   help="(default: the one the checkpoint was trained with, else llava_llama_2)")
-    p.add_argument("--mode", choices=MODES, help="clean: ids of the template string; llava: the original LLaVA "
-                                                 "code's ids (default: the checkpoint's, else clean)")
+    p.add_argument("--template", choices=TEMPLATES, help=TEMPLATE_HELP)
+    p.add_argument("--mode", choices=MODES, help=MODE_HELP)
     p.add_argument("--lang", choices=["en", "ko", "zh"],
                    help="instruction language (default: the benchmark's; a question's `lang` key wins)")
     p.add_argument("--limit", type=int, help="answer only the first N questions")

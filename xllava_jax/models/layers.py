@@ -10,6 +10,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from xllava_jax import sharding
+from xllava_jax.models.ops import matmul
+
 Axes = tuple[str | None, ...]
 
 
@@ -20,74 +23,48 @@ def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], dtype, axes: Axes) -> nn
     return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=tuple(axes))
 
 
-def on_cpu() -> bool:
-    """Whether computations are placed on the CPU backend (selects the CPU-tuned code paths)."""
-    return jax.default_backend() == "cpu"
+def stack_axes(module: nnx.Module, name: str = "layers") -> None:
+    """Prepend the logical axis `name` to every parameter of `module` (stacked by `nnx.vmap`)."""
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, nnx.Param):
+            node.set_metadata(logical_axes=(name,) + tuple(node.get_metadata()["logical_axes"]))
 
 
-# A single row times a kernel (a batch-1 decode step) is a matrix-vector product bound by memory,
-# and XLA:CPU streams kernels of a layer's size on one core. The same product as a batch of
-# _ROW_SPLIT contiguous row blocks of the kernel (a free reshape), partial sums added, runs on all
-# cores: 512 x 512 in 53 instead of 76 us, a bench_small decode step 15-20% faster. Kernels above
-# _ROW_SPLIT_MAX_BYTES (an lm_head) are already spread over the cores and only lose by it; more
-# than one row takes XLA's slow path for this layout.
-_ROW_SPLIT, _ROW_SPLIT_MAX_BYTES = 4, 8 << 20
+def stacked(make, count: int, rngs: nnx.Rngs) -> nnx.Module:
+    """`count` layers made by `make(rngs)` as one module whose parameters have a leading `layers`
+    axis (each layer initialised from its own split of `rngs`)."""
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(split: nnx.Rngs):
+        return make(split)
+
+    module = create(rngs)
+    stack_axes(module)
+    return module
 
 
-def _dot_cpu(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    k, n = kernel.shape
-    if x.size != k or k % _ROW_SPLIT or k * n * kernel.dtype.itemsize > _ROW_SPLIT_MAX_BYTES:
-        return jnp.dot(x, kernel)
-    blocks = jnp.einsum("pk,pkn->pn", x.reshape(_ROW_SPLIT, k // _ROW_SPLIT),
-                        kernel.reshape(_ROW_SPLIT, k // _ROW_SPLIT, n), preferred_element_type=jnp.float32)
-    return blocks.sum(axis=0).astype(jnp.result_type(x, kernel)).reshape(*x.shape[:-1], n)
-
-
-@jax.custom_vjp
-def _matmul_cpu(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return _dot_cpu(x, kernel)
-
-
-def _matmul_cpu_fwd(x, kernel):
-    return _dot_cpu(x, kernel), (x, kernel)
-
-
-def _matmul_cpu_bwd(residuals, g):
-    x, kernel = residuals
-    dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
-    # dkernel = x^T @ g contracts the token axis, the major axis of both operands. XLA:CPU would
-    # transpose one of them itself, often the output gradient (for the lm_head a [tokens, vocab]
-    # array); the barrier pins a transposed copy of the activations (usually the smaller operand)
-    # instead, so the dot runs in the fast library path on canonical [K, N] x [N, M] operands.
-    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    dkernel = jnp.dot(jax.lax.optimization_barrier(x2.T), g2)
-    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
-
-
-_matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
-
-
-def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x float[..., K] @ kernel float[K, N] -> float[..., N], with `jnp.dot`'s value and gradients.
-
-    On CPU the backward pass is spelled out (see `_matmul_cpu_bwd`) to keep XLA from transposing
-    large gradients, and a single row is split over the cores (`_dot_cpu`); elsewhere this is `jnp.dot`.
-    """
-    return _matmul_cpu(x, kernel) if on_cpu() else jnp.dot(x, kernel)
+def checkpointed(fn, policy: str):
+    """`jax.checkpoint` of a scanned block's body according to the remat policy name."""
+    if policy == "none":
+        return fn
+    saveable = None if policy == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return jax.checkpoint(fn, policy=saveable, prevent_cse=False)
 
 
 class Dense(nnx.Module):
     """y = x @ kernel (+ bias). kernel: float[in, out]."""
 
     def __init__(self, din: int, dout: int, axes: Axes, *, use_bias: bool, dtype, param_dtype,
-                 rngs: nnx.Rngs, init_std: float = 0.02):
+                 rngs: nnx.Rngs, init_std: float = 0.02, platform: str = ""):
         self.kernel = param(rngs, nnx.initializers.normal(init_std), (din, dout), param_dtype, axes)
         self.bias = param(rngs, nnx.initializers.zeros, (dout,), param_dtype, axes[1:]) if use_bias else None
         self.dtype = dtype
+        self.platform = platform  # the target's: selects the matmul kernel (models/ops.py)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: float[..., in] -> float[..., out]."""
-        y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.platform)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -101,8 +78,11 @@ class Embed(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        """ids: int[...] -> float[..., D]. Ids outside the table must be masked by the caller."""
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        """ids: int[...] -> float[..., D]. Ids outside the table must be masked by the caller. Under
+        sharding rules the table is gathered whole in the compute dtype first (as FSDP gathers any
+        weight), so the lookup follows the ids' batch split and its gradient is reduce-scattered."""
+        table = sharding.shard(self.embedding[...].astype(self.dtype), (None, None))
+        return jnp.take(table, ids, axis=0)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output projection. x: float[..., D] -> float[..., V]."""

@@ -27,14 +27,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from xllava_jax.config import ConfigError
-from xllava_jax.models.layers import Dense, matmul
+from xllava_jax.models.layers import Dense
+from xllava_jax.models.ops import matmul
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 LLM_TARGETS = ATTENTION_TARGETS + MLP_TARGETS
 
-# kaiming_uniform(a=sqrt(5)) as PEFT initialises lora_A: U(-1/sqrt(in), 1/sqrt(in)) over float[in, r].
-_INIT_A = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+# kaiming_uniform(a=sqrt(5)) as PEFT initialises lora_A: U(-1/sqrt(in), 1/sqrt(in)) over float[in, r]
+# (over float[L, in, r] of scanned layers, each layer's from its own in).
+_INIT_A = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=-2, out_axis=-1)
+_INIT_A_STACKED = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=-2, out_axis=-1,
+                                                    batch_axis=(0,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,18 +92,22 @@ class LoraParam(nnx.Param):
 
 
 class LoraDense(nnx.Module):
-    """A `Dense` plus a low-rank update. lora_a: float32[in, r], lora_b: float32[r, out].
+    """A `Dense` plus a low-rank update. lora_a: float32[in, r], lora_b: float32[r, out] (with a
+    leading layers axis when the base is a scanned stack of projections, kernel float[L, in, out]).
 
     The base projection is kept unchanged as `self.base`; lora_b starts at zero, so a fresh adapter
     leaves the outputs as they were.
     """
 
     def __init__(self, base: Dense, cfg: LoraConfig, *, rngs: nnx.Rngs):
-        din, dout = base.kernel.shape
-        in_axis, out_axis = base.kernel.get_metadata()["logical_axes"]
+        *stack, din, dout = base.kernel.shape
+        *stack_axes, in_axis, out_axis = base.kernel.get_metadata()["logical_axes"]
+        init = _INIT_A_STACKED if stack else _INIT_A
         self.base = base
-        self.lora_a = LoraParam(_INIT_A(rngs.params(), (din, cfg.r), jnp.float32), logical_axes=(in_axis, None))
-        self.lora_b = LoraParam(jnp.zeros((cfg.r, dout), jnp.float32), logical_axes=(None, out_axis))
+        self.lora_a = LoraParam(init(rngs.params(), (*stack, din, cfg.r), jnp.float32),
+                                logical_axes=(*stack_axes, in_axis, None))
+        self.lora_b = LoraParam(jnp.zeros((*stack, cfg.r, dout), jnp.float32),
+                                logical_axes=(*stack_axes, None, out_axis))
         self.dropout = nnx.Dropout(cfg.dropout, deterministic=True, rngs=rngs if cfg.dropout > 0 else None)
         self.cfg = cfg
         self.merged = False
@@ -109,14 +117,14 @@ class LoraDense(nnx.Module):
         y = self.base(x)
         if self.merged:
             return y
-        dt = self.base.dtype
-        h = matmul(self.dropout(x).astype(dt), self.lora_a[...].astype(dt))
-        return y + matmul(h, self.lora_b[...].astype(dt)) * self.cfg.scale
+        dt, platform = self.base.dtype, self.base.platform
+        h = matmul(self.dropout(x).astype(dt), self.lora_a[...].astype(dt), platform)
+        return y + matmul(h, self.lora_b[...].astype(dt), platform) * self.cfg.scale
 
     def delta(self) -> jax.Array:
-        """The weight update `lora_a @ lora_b * scale`: float32[in, out]."""
-        ab = jnp.dot(self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32),
-                     precision=jax.lax.Precision.HIGHEST)
+        """The weight update `lora_a @ lora_b * scale`: float32[in, out] (float32[L, in, out] stacked)."""
+        ab = jnp.matmul(self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST)
         return ab * self.cfg.scale
 
     def merge(self) -> None:
@@ -137,12 +145,15 @@ class LoraDense(nnx.Module):
 
 
 def lora_sites(model: nnx.Module) -> Iterator[tuple[str, nnx.Module, str]]:
-    """(dotted path, parent module, attribute name) of every LLM projection an adapter can wrap."""
-    for i, layer in enumerate(model.language_model.layers):
+    """(dotted path, parent module, attribute name) of every LLM projection an adapter can wrap (one
+    per kind for scanned layers, whose projections are stacked: `language_model.layers.self_attn.q_proj`)."""
+    layers = model.language_model.layers
+    indexed = [("", layers)] if model.language_model.scan else [(f"{i}.", layer) for i, layer in enumerate(layers)]
+    for index, layer in indexed:
         for parent, kind, names in ((layer.self_attn, "self_attn", ATTENTION_TARGETS),
                                     (layer.mlp, "mlp", MLP_TARGETS)):
             for name in names:
-                yield f"language_model.layers.{i}.{kind}.{name}", parent, name
+                yield f"language_model.layers.{index}{kind}.{name}", parent, name
 
 
 def lora_modules(model: nnx.Module) -> Iterator[tuple[str, LoraDense]]:

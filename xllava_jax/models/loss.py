@@ -3,10 +3,13 @@ the output projection (`head_loss_sum`), which never builds the full [B, S, V] l
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+
+from xllava_jax import sharding
 
 IGNORE_INDEX = -100
 
@@ -63,6 +66,7 @@ def _head_pass(h, w, targets, chunk: int, vocab_major: bool, grads: bool):
                                ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
     hs, ts, vs = gather(h), gather(jnp.where(valid, targets, 0)), gather(valid)
     n_chunks = (valid.sum(1).max() + chunk - 1) // chunk
+    shards = _batch_shards(b)
     logits_dims = (((1,), (1,)), ((), ())) if vocab_major else (((1,), (0,)), ((), ()))
 
     def body(i, carry):
@@ -77,7 +81,14 @@ def _head_pass(h, w, targets, chunk: int, vocab_major: bool, grads: bool):
         # d(loss sum)/d(logits) = softmax - one_hot(target) on supervised rows, 0 elsewhere.
         dlogits = jnp.exp(logits - lse[:, None]) - jax.nn.one_hot(tc, vocab, dtype=jnp.float32)
         dlogits = jnp.where(vc[:, None], dlogits, 0.0).astype(h.dtype)
-        if vocab_major:
+        if shards > 1:  # d/dw summed per batch shard, reduced once after the loop (not once per chunk)
+            dhc = jax.lax.dot_general(dlogits, w, (((1,), (0 if vocab_major else 1,)), ((), ())),
+                                      preferred_element_type=jnp.float32)
+            per_shard = lambda x: x.reshape(shards, -1, x.shape[-1])  # noqa: E731
+            lhs, rhs = (dlogits, hc) if vocab_major else (hc, dlogits)
+            dwc = sharding.shard(jnp.einsum("snx,sny->sxy", per_shard(lhs), per_shard(rhs),
+                                            preferred_element_type=jnp.float32), ("act_batch", None, None))
+        elif vocab_major:
             dhc = jnp.dot(dlogits, w, preferred_element_type=jnp.float32)
             dwc = jax.lax.dot_general(dlogits, hc, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
         else:
@@ -90,13 +101,24 @@ def _head_pass(h, w, targets, chunk: int, vocab_major: bool, grads: bool):
 
     init = (jnp.float32(0.0),)
     if grads:
-        init += (jnp.zeros(hs.shape, jnp.float32), jnp.zeros(w.shape, jnp.float32))
+        dw_shape = ((shards,) if shards > 1 else ()) + w.shape
+        init += (jnp.zeros(hs.shape, jnp.float32), jnp.zeros(dw_shape, jnp.float32))
     out = jax.lax.fori_loop(0, n_chunks, body, init)
     if not grads:
         return out[0]
     inverse = jnp.argsort(order, axis=1)
     dh = jnp.take_along_axis(out[1][:, :s], inverse[..., None], axis=1)
-    return out[0], dh, out[2]
+    return out[0], dh, out[2].sum(0) if shards > 1 else out[2]
+
+
+def _batch_shards(batch: int) -> int:
+    """How many ways the activation rules split a batch of `batch` rows (1 without rules or a mesh)."""
+    spec = sharding.activation_spec(("act_batch",), (batch,))
+    if spec is None or spec[0] is None:
+        return 1
+    axes = (spec[0],) if isinstance(spec[0], str) else spec[0]
+    shape = jax.sharding.get_abstract_mesh().shape
+    return math.prod(shape[a] for a in axes)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))

@@ -11,8 +11,9 @@ from xllava_jax.models.layers import Dense, gelu_exact
 class Projector(nnx.Module):
     """`mlp2x_gelu`: Linear -> GELU (exact) -> Linear, or `linear`: one Linear. Both with bias."""
 
-    def __init__(self, vision_dim: int, text_dim: int, kind: str, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, vision_dim: int, text_dim: int, kind: str, *, dtype, param_dtype, rngs: nnx.Rngs,
+                 platform: str = ""):
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs, platform=platform)
         self.linear_1 = Dense(vision_dim, text_dim, ("vision_embed", "embed"), **kw)
         self.linear_2 = Dense(text_dim, text_dim, ("mlp", "embed"), **kw) if kind == "mlp2x_gelu" else None
 

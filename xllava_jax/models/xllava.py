@@ -8,24 +8,32 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from xllava_jax.config import ModelConfig
+from xllava_jax import sharding
+from xllava_jax.config import ConfigError, ModelConfig
+from xllava_jax.models import ops
 from xllava_jax.models.llama import KVCache, Llama
 from xllava_jax.models.projector import Projector
 from xllava_jax.models.vision import VisionTower
 
 
 class XLlava(nnx.Module):
-    """LLaVA-1.5 architecture. `vision_tower` and `projector` are None for a text-only config."""
+    """LLaVA-1.5 architecture. `vision_tower` and `projector` are None for a text-only config.
+
+    `cfg.attention` is resolved for `cfg.platform` (default: the platform of `jax.devices()`); the
+    model's `cfg` holds the resolved pair."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, rngs=rngs)
-        self.language_model = Llama(cfg.text, **kw)
+        cfg = resolve_kernels(cfg)
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, scan=cfg.scan_layers,
+                  platform=cfg.platform, rngs=rngs)
+        self.language_model = Llama(cfg.text, attention=cfg.attention, **kw)
         if cfg.vision is None:
             self.vision_tower = self.projector = None
         else:
             self.vision_tower = VisionTower(cfg.vision, **kw)
             self.projector = Projector(cfg.vision.hidden_size, cfg.text.hidden_size, cfg.projector_type,
-                                       dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+                                       dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs,
+                                       platform=cfg.platform)
         self.cfg = cfg
 
     def image_features(self, pixel_values: jax.Array) -> jax.Array:
@@ -35,7 +43,7 @@ class XLlava(nnx.Module):
         feats = self.vision_tower.hidden_state(pixel_values, self.cfg.vision_feature_layer)
         if self.cfg.vision_feature_select_strategy == "default":
             feats = feats[:, 1:]
-        return self.projector(feats)
+        return sharding.shard(self.projector(feats), sharding.HIDDEN)
 
     def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None) -> jax.Array:
         """Token embeddings with image features written over the placeholder ids: float[B, S, D].
@@ -95,6 +103,17 @@ def _check_placeholder_count(is_image: jax.Array, num_features: int) -> None:
     if count != num_features:
         raise ValueError(f"input_ids hold {count} image placeholder ids but the images give {num_features} "
                          "features: each image needs exactly num_image_tokens placeholders")
+
+
+def resolve_kernels(cfg: ModelConfig, devices=None) -> ModelConfig:
+    """`cfg` with its target platform set (from `devices`, else jax.devices(), unless already set)
+    and its attention setting resolved for it (models/ops.py)."""
+    platform = cfg.platform or ops.target_platform(devices)
+    try:
+        attention = ops.resolve_attention(cfg.attention, platform)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return cfg.replace(platform=platform, attention=attention)
 
 
 def build_model(cfg: ModelConfig, seed: int = 0) -> XLlava:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from xllava_jax.config import VisionConfig
 from xllava_jax.models.layers import Dense, Embed, LayerNorm, param
+from xllava_jax.models.ops import target_platform
 from xllava_jax.models.vision import VisionMLP, VisionTower
 
 
@@ -53,12 +54,13 @@ class TextBlock(nnx.Module):
 
     def __init__(self, cfg: VisionConfig, rngs: nnx.Rngs):
         d = cfg.hidden_size
-        kw = dict(use_bias=True, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+        platform = target_platform()
+        kw = dict(use_bias=True, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs, platform=platform)
         ln = dict(eps=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, axis_name="vision_embed", rngs=rngs)
         self.ln1, self.ln2 = LayerNorm(d, **ln), LayerNorm(d, **ln)
         self.qkv = Dense(d, 3 * d, ("vision_embed", "vision_heads"), **kw)
         self.out = Dense(d, d, ("vision_heads", "vision_embed"), **kw)
-        self.mlp = VisionMLP(cfg, jnp.float32, jnp.float32, rngs)
+        self.mlp = VisionMLP(cfg, jnp.float32, jnp.float32, rngs, platform=platform)
         self.num_heads = cfg.num_heads
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -82,7 +84,7 @@ class ContrastiveModel(nnx.Module):
         self.text_blocks = nnx.List([TextBlock(vision_cfg, rngs) for _ in range(cfg.text_layers)])
         self.text_norm = LayerNorm(d, eps=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, axis_name="vision_embed",
                                    rngs=rngs)
-        kw = dict(use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+        kw = dict(use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs, platform=target_platform())
         self.visual_projection = Dense(d, cfg.embed_dim, ("vision_embed", None), **kw)
         self.text_projection = Dense(d, cfg.embed_dim, ("vision_embed", None), **kw)
         self.logit_scale = nnx.Param(jnp.asarray(math.log(1 / 0.07), jnp.float32))

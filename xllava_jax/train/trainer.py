@@ -6,35 +6,27 @@ step, RNG streams and the data iterator), so a run killed at any point continues
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import math
+import shutil
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from xllava_jax import checkpoint as ckpt
+from xllava_jax import sharding
 from xllava_jax.config import ConfigError, ModelConfig
-from xllava_jax.models.vision import VisionTower
-from xllava_jax.models.xllava import XLlava
-from xllava_jax.train import optim
 from xllava_jax.train.flops import matmul_peak_flops, model_flops_per_step
 from xllava_jax.train.metrics import MetricsWriter, plot_loss
-from xllava_jax.train.sharding import MESH_AXES, logical_to_spec
-from xllava_jax.train.step import make_train_step
+from xllava_jax.train.setup import TrainSetup, make_mesh, prepare, tokenizer_path
 
 log = logging.getLogger("xllava.train")
 STAGES = ("llm_pretrain", "align", "vif")
@@ -51,101 +43,26 @@ class Preempted(TrainingError):
     """SIGTERM / SIGINT arrived: a checkpoint was saved at the current step."""
 
 
-def make_mesh(mesh_cfg) -> jax.sharding.Mesh:
-    """('data', 'fsdp', 'tensor') over all devices; one size may be -1 for "the rest"."""
-    sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
-    n = jax.device_count()
-    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ConfigError(f"mesh sizes {sizes}: give positive sizes, at most one -1")
-    known = math.prod(s for s in sizes if s > 0)
-    sizes = [n // known if s == -1 else s for s in sizes]
-    if math.prod(sizes) != n:
-        raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, {n} present")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-
-
-def state_shardings(state, mesh):
-    """NamedShardings for an NNX state: parameters by their logical axes, anything else replicated."""
-
-    def one(var):
-        axes = var.get_metadata().get("logical_axes")
-        spec = logical_to_spec(axes, var.shape, mesh) if axes is not None else PartitionSpec()
-        return var.replace(NamedSharding(mesh, spec))
-
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def _model_overrides(config) -> dict:
-    return {"dtype": config.model.dtype, "param_dtype": config.model.param_dtype, "remat": config.model.remat}
-
-
-def build_model(config, mesh) -> XLlava:
-    """The starting model: `init` (HF directory or ours) or a random preset, LoRA applied, sharded."""
-    overrides = _model_overrides(config)
-    if config.init:
-        from xllava_jax.convert.load import load_pretrained
-
-        model = load_pretrained(config.init, mesh=mesh, **overrides)
-    else:
-        # A random model takes its vocabulary from the tokenizer, plus one row for the image placeholder.
-        from xllava_jax.data.tokenizer import Tokenizer
-
-        cfg = ModelConfig.preset(config.model.preset, **overrides)
-        if config.tokenizer:
-            size = Tokenizer(config.tokenizer).vocab_size
-            cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=size + 1), image_token_id=size)
-        model = XLlava(cfg, rngs=nnx.Rngs(config.seed))
-    if config.get("init_vision"):
-        replace_vision_tower(model, config.init_vision)
-    if config.lora.r > 0:
-        from xllava_jax.models.lora import LoraConfig, apply_lora
-
-        lora = LoraConfig(r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
-                          targets=tuple(t.strip() for t in config.lora.targets.split(",") if t.strip()))
-        apply_lora(model, lora, rngs=nnx.Rngs(config.seed + 1))
-        model.train()  # adapter dropout on (apply_lora leaves it off)
-    place(model, mesh)
-    return model
-
-
-def replace_vision_tower(model: XLlava, source: str) -> None:
-    """Put the vision tower at `source` (a CLIP HF directory or our vision checkpoint) over `model`'s,
-    as LLaVA builds its model from an LLM and a separately trained CLIP."""
-    from xllava_jax.convert.load import load_pretrained
-
-    tower = load_pretrained(source, dtype=model.cfg.dtype, param_dtype=model.cfg.param_dtype)
-    if not isinstance(tower, VisionTower):
-        raise ConfigError(f"init_vision {source}: not a vision tower checkpoint")
-    if model.vision_tower is None or tower.cfg != model.cfg.vision:
-        raise ConfigError(f"init_vision {source}: its vision config {tower.cfg} does not match the model's "
-                          f"{model.cfg.vision}")
-    nnx.update(model.vision_tower, nnx.state(tower))
-
-
-def place(model: nnx.Module, mesh) -> None:
-    """Move every variable of `model` onto its shard of `mesh` (in place)."""
-    state = nnx.state(model)
-    shardings = nnx.to_pure_dict(state_shardings(state, mesh))
-    placed = jax.device_put(nnx.to_pure_dict(state), shardings)
-    nnx.replace_by_pure_dict(state, placed)
-    nnx.update(model, state)
-
-
 def _split_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
 def system_prompt(config) -> str | None:
     """`data.system`: "default" (None: the template's own system prompt) or the text to use ("" for none)."""
-    value = config.data.get("system", "default")
+    value = config.data.system
     return None if value == "default" else value
 
 
-def tokenizer_path(config) -> str:
-    path = config.tokenizer or config.init
-    if not path:
-        raise ConfigError("no tokenizer: set --config.tokenizer (or --config.init to a checkpoint that has one)")
-    return path
+def vif_spec(config, model_cfg: ModelConfig, tokenizer: str):
+    """The align / vif stage's encoding and packing settings (data/pipeline.py: VifSpec)."""
+    from xllava_jax.data.pipeline import VifSpec
+
+    return VifSpec(tokenizer=tokenizer, num_image_tokens=model_cfg.num_image_tokens,
+                   image_token_id=model_cfg.image_token_id, template=config.data.template, mode=config.data.mode,
+                   system=system_prompt(config), image_root=config.data.image_root or None,
+                   image_size=model_cfg.vision.image_size, aspect=config.data.aspect, max_len=config.data.max_len,
+                   overflow=config.data.overflow, strict=config.data.strict, pack=config.data.pack,
+                   images_per_row=config.data.images_per_row, pack_window=config.data.pack_window)
 
 
 def make_data(config, model_cfg: ModelConfig, local_batch: int):
@@ -161,7 +78,7 @@ def make_data(config, model_cfg: ModelConfig, local_batch: int):
         ds = text_dataset(specs, tokenizer_path(config), seq_len=config.data.max_len, weights=weights,
                           seed=config.seed, process_index=index, process_count=count)
         return iter(ds.batch(local_batch, drop_remainder=True)), []
-    from xllava_jax.data.pipeline import VifSpec, load_records, vif_dataset
+    from xllava_jax.data.pipeline import load_records, vif_dataset
 
     corpora = _split_list(config.data.corpus)
     if not corpora:
@@ -169,79 +86,16 @@ def make_data(config, model_cfg: ModelConfig, local_batch: int):
     if model_cfg.vision is None:
         raise ConfigError(f"{config.stage} needs a model with a vision tower; the init checkpoint has none")
     records, problems = load_records(corpora, strict=config.data.strict)
-    spec = VifSpec(tokenizer=tokenizer_path(config), num_image_tokens=model_cfg.num_image_tokens,
-                   image_token_id=model_cfg.image_token_id, template=config.data.template, mode=config.data.mode,
-                   system=system_prompt(config),
-                   image_root=config.data.image_root or None, image_size=model_cfg.vision.image_size,
-                   aspect=config.data.aspect, max_len=config.data.max_len, overflow=config.data.overflow,
-                   strict=config.data.strict)
+    spec = vif_spec(config, model_cfg, tokenizer_path(config))
     ds = vif_dataset(records, spec, batch_size=local_batch, seed=config.seed, process_index=index,
                      process_count=count, num_workers=config.data.num_workers)
     return iter(ds), problems
 
 
-def global_batch(local: dict, mesh) -> dict[str, jax.Array]:
-    """Process-local numpy batches -> global arrays sharded over ('data', 'fsdp') on the batch axis."""
-    sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainSetup:
-    """A run before its first step: the sharded train state and frozen params (see train/step.py),
-    the jitted step (donates the state), and each optimizer group's lr schedule."""
-
-    model_cfg: ModelConfig
-    parts: tuple[str, ...]
-    graphdef: nnx.GraphDef
-    state: dict
-    frozen: dict
-    step_fn: Callable
-    schedules: dict[str, optax.Schedule]
-
-
-def opt_state_shardings(tx: optax.GradientTransformation, params, mesh):
-    """Shardings for `tx.init(params)`: a leaf that mirrors a parameter (Adam's mu and nu, found by
-    the parameter's path at the end of its own) is sharded like it, anything else is replicated."""
-    by_path = {tuple(k.key for k in path): (leaf.shape, leaf.sharding)
-               for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def one(path, leaf):
-        keys = tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", None))) for k in path)
-        for i in range(len(keys)):
-            shape, sharding = by_path.get(keys[i:], (None, None))
-            if shape == leaf.shape:
-                return sharding
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(one, jax.eval_shape(tx.init, params))
-
-
-def prepare(config, mesh) -> TrainSetup:
-    """Build the model, split it into trainable / frozen / other state, and jit the step with the
-    state's shardings (call the step inside `jax.set_mesh(mesh)`). The optimizer state exists only
-    for the trainable params and is sharded like them."""
-    parts = optim.parse_trainable(config.train.trainable)
-    if "lora" in parts and config.lora.r <= 0:
-        raise ConfigError("train.trainable names lora but lora.r is 0")
-    optim.lr_schedule(config.train.lr, config.train.steps, config.train.warmup_ratio, config.train.schedule)  # checks
-    model = build_model(config, mesh)
-    graphdef, params, frozen, other = nnx.split(model, optim.trainable_filter(parts), nnx.Param, ...)
-    if not jax.tree.leaves(params):
-        raise ConfigError(f"train.trainable={config.train.trainable!r} selects no parameter of this model")
-    tx, schedules = optim.make_optimizer(config.train, params)
-    params, frozen, other = (nnx.to_pure_dict(s) for s in (params, frozen, other))
-    opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh))(params)
-    step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, PartitionSpec()))
-    state = {"params": params, "opt": opt_state, "other": other, "step": step}
-    state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    frozen_sharding = jax.tree.map(lambda x: x.sharding, frozen)
-    step_fn = jax.jit(make_train_step(graphdef, tx, grad_accum=config.train.grad_accum,
-                                      loss_chunk=config.train.loss_chunk),
-                      in_shardings=(state_sharding, frozen_sharding, None),
-                      out_shardings=(state_sharding, None), donate_argnums=(0,))
-    return TrainSetup(model.cfg, parts, graphdef, state, frozen, step_fn, schedules)
+def global_batch(local: dict, mesh, rules=None) -> dict[str, jax.Array]:
+    """Process-local numpy batches -> global arrays split over the batch axes (data x fsdp by default)."""
+    return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, rules, np.ndim(v)), np.asarray(v))
+            for k, v in local.items()}
 
 
 class _StopFlag:
@@ -296,6 +150,16 @@ def _resume(manager: ocp.CheckpointManager, step: int, state, data):
     return restored["state"], restored["data"], restored["counters"]
 
 
+def check_batch(config, mesh) -> None:
+    """The batch and loss settings fit the mesh and the process count (one line naming the keys)."""
+    data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.train.batch_size % (data_ways * config.train.grad_accum) or config.train.batch_size % jax.process_count():
+        raise ConfigError(f"train.batch_size {config.train.batch_size} must divide by data x fsdp ({data_ways}) x "
+                          f"grad_accum ({config.train.grad_accum}) and by the process count")
+    if config.train.loss_chunk < 0:
+        raise ConfigError(f"train.loss_chunk must be >= 0 (0: unfused loss), got {config.train.loss_chunk}")
+
+
 def train(config, workdir: str | Path) -> Path:
     """Run (or resume) one stage; returns the params-only checkpoint it writes at the end."""
     if config.stage not in STAGES:
@@ -306,14 +170,9 @@ def train(config, workdir: str | Path) -> Path:
     if main:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     mesh = make_mesh(config.mesh)
-    data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.train.batch_size % (data_ways * config.train.grad_accum) or config.train.batch_size % jax.process_count():
-        raise ConfigError(f"train.batch_size {config.train.batch_size} must divide by data x fsdp ({data_ways}) x "
-                          f"grad_accum ({config.train.grad_accum}) and by the process count")
-    if config.train.loss_chunk < 0:
-        raise ConfigError(f"train.loss_chunk must be >= 0 (0: unfused loss), got {config.train.loss_chunk}")
-    with jax.set_mesh(mesh):
-        run = prepare(config, mesh)
+    check_batch(config, mesh)
+    run = prepare(config, mesh)
+    with jax.set_mesh(mesh), sharding.activation_rules(run.rules):
         state = run.state
         local_batch = config.train.batch_size // jax.process_count()
         data, problems = make_data(config, run.model_cfg, local_batch)
@@ -335,15 +194,8 @@ def train(config, workdir: str | Path) -> Path:
             bar.close()
             metrics_out.close()
         out = Path(config.output or workdir / "final").absolute()
-        final = nnx.merge(run.graphdef, state["params"], run.frozen, state["other"])
-        if config.lora.r > 0:
-            from xllava_jax.models.lora import strip_lora
-
-            final = strip_lora(final)
         if not (out / ckpt.META_FILE).exists():
-            tok = Path(tokenizer_path(config))
-            prompt = {"template": config.data.template, "mode": config.data.mode, "system": system_prompt(config)}
-            ckpt.save_checkpoint(out, final, tokenizer_dir=tok.parent if tok.is_file() else tok, prompt=prompt)
+            _export(config, run, state, out)
         if main:
             plot_loss({config.stage: workdir}, workdir / "loss.png")
             (workdir / "summary.json").write_text(json.dumps(
@@ -351,6 +203,38 @@ def train(config, workdir: str | Path) -> Path:
                  "skipped_records": len(problems) + counters["skipped_records"],
                  "nonfinite_steps_skipped": counters["nonfinite_steps_skipped"]}, indent=2))
     return out
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _export(config, run: TrainSetup, state, out: Path) -> None:
+    """Write the final params-only checkpoint atomically: into `OUT.partial` (a leftover of a killed
+    export is removed first), then renamed to OUT by process 0 once every process has written its
+    part. A run killed at any moment of the export redoes it on the rerun."""
+    final = nnx.merge(run.graphdef, state["params"], run.frozen, state["other"])
+    if config.lora.r > 0:
+        from xllava_jax.models.lora import strip_lora
+
+        final = strip_lora(final)
+    partial = out.with_name(out.name + ".partial")
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise TrainingError(f"{out}: exists and is not a checkpoint; move it, or set --config.output to a new "
+                            "directory, and rerun to write the final checkpoint")
+    if jax.process_index() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    _barrier("xllava_export_start")
+    tok = Path(tokenizer_path(config))
+    prompt = {"template": config.data.template, "mode": config.data.mode, "system": system_prompt(config)}
+    ckpt.save_checkpoint(partial, final, tokenizer_dir=tok.parent if tok.is_file() else tok, prompt=prompt)
+    _barrier("xllava_export_written")
+    if jax.process_index() == 0:
+        if out.is_dir():
+            out.rmdir()  # empty (checked above)
+        partial.rename(out)
+    _barrier("xllava_export_done")
 
 
 def _loop(config, run: TrainSetup, state, data, mesh, manager, metrics_out, bar, stop, start: int,
@@ -365,7 +249,7 @@ def _loop(config, run: TrainSetup, state, data, mesh, manager, metrics_out, bar,
     peak = matmul_peak_flops(config.model.dtype) * jax.device_count()
     step, empty = start, 0
     while step < config.train.steps:
-        batch = global_batch(next(data), mesh)
+        batch = global_batch(next(data), mesh, run.rules)
         t0 = time.perf_counter()
         state, m = run.step_fn(state, run.frozen, batch)
         m = jax.device_get(m)
@@ -387,9 +271,11 @@ def _loop(config, run: TrainSetup, state, data, mesh, manager, metrics_out, bar,
                                 f"skipped or without an answer; {counters['skipped_records']} records skipped so "
                                 "far, see the warnings); raise data.max_len or check data.corpus")
         tokens = int(np.prod(batch["input_ids"].shape))
+        useful = int(m["useful_tokens"])  # tokens that are not padding (packing raises it, not tokens_per_s)
         flops_per_s = model_flops_per_step(run.model_cfg, batch, trainable_llm) / elapsed
         row = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
                "supervised_tokens": int(m["supervised_tokens"]), "tokens_per_s": tokens / elapsed,
+               "useful_tokens_per_s": useful / elapsed,
                "tflops": flops_per_s / 1e12, "mfu": flops_per_s / peak,
                "step_time_s": elapsed, "skipped_records": rejected + counters["skipped_records"],
                "nonfinite_steps_skipped": counters["nonfinite_steps_skipped"]}
