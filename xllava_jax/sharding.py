@@ -186,11 +186,6 @@ def activation_rules(rules: Mapping[str, Rule] | None = None) -> Iterator[None]:
         _ACTIVATION_RULES.reset(token)
 
 
-def current_rules() -> Mapping[str, Rule] | None:
-    """The activation rules in force (None outside `activation_rules`)."""
-    return _ACTIVATION_RULES.get()
-
-
 def activation_spec(axes: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec | None:
     """The PartitionSpec `shard` would give an activation, or None when no rules or mesh are set."""
     rules = _ACTIVATION_RULES.get()

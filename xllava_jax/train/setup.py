@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +73,8 @@ def model_config(config, devices: Sequence) -> ModelConfig:
     return resolve_kernels(cfg, devices)
 
 
-def lora_config(config):
+def lora_settings(config):
+    """The run's LoRA settings (`lora.*`) as a LoraConfig."""
     from xllava_jax.models.lora import LoraConfig
 
     return LoraConfig(r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
@@ -93,7 +93,7 @@ def _add_lora(model: XLlava, config) -> None:
     if config.lora.r > 0:
         from xllava_jax.models.lora import apply_lora
 
-        apply_lora(model, lora_config(config), rngs=nnx.Rngs(config.seed + 1))
+        apply_lora(model, lora_settings(config), rngs=nnx.Rngs(config.seed + 1))
         model.train()  # adapter dropout on (apply_lora leaves it off)
 
 
@@ -205,9 +205,3 @@ def prepare(config, mesh, *, abstract: bool = False) -> TrainSetup:
                       in_shardings=(state_sh, frozen_sh, None), out_shardings=(state_sh, None), donate_argnums=(0,))
     return TrainSetup(cfg, parts, graphdef, state, frozen, step_fn, schedules, rules)
 
-
-def checkpoint_template(path: str | Path) -> bool:
-    """Whether `path` is one of our checkpoints (else a HF directory)."""
-    from xllava_jax import checkpoint as ckpt
-
-    return ckpt.is_checkpoint(path)
