@@ -49,3 +49,24 @@ def make_vif_corpus(directory: Path, n: int, seed: int = 0) -> tuple[Path, Path]
     path = directory / "corpus.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path, root
+
+
+def assert_restores_exactly(ds, skip: int, take: int) -> None:
+    """Iterating `ds` past `skip` batches, saving the iterator state (through JSON, as a checkpoint
+    stores it) and restoring it into a fresh iterator gives the same next `take` batches."""
+    import numpy as np
+
+    it = iter(ds)
+    for _ in range(skip):
+        next(it)
+    state = it.get_state()
+    want = [next(it) for _ in range(take)]
+    again = iter(ds)
+    again.set_state(json.loads(json.dumps(state)))
+    for w in want:
+        got = next(again)
+        for key in w:
+            np.testing.assert_array_equal(got[key], w[key])
+    for i in (it, again):
+        if hasattr(i, "close"):
+            i.close()

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from data_fixtures import WORDS_EN, make_vif_corpus, train_tokenizer
+from data_fixtures import WORDS_EN, assert_restores_exactly, make_vif_corpus, train_tokenizer
 from flax import nnx
 from PIL import Image, ImageDraw
 
@@ -120,20 +120,7 @@ def test_packed_rows_hold_every_record_once_with_its_tokens_positions_and_image(
 def test_resume_mid_window_gives_the_same_batches(setup, workers):
     _, records, _, spec = setup
     ds = vif_dataset(records, spec, batch_size=2, seed=3, num_epochs=3, num_workers=workers)
-    it = iter(ds)
-    for _ in range(3):
-        next(it)
-    state = it.get_state()
-    want = [next(it) for _ in range(8)]  # across windows (7 records) and into the next (reshuffled) epoch
-    again = iter(ds)
-    again.set_state(json.loads(json.dumps(state)))   # as a checkpoint stores it
-    for w in want:
-        got = next(again)
-        for key in w:
-            np.testing.assert_array_equal(got[key], w[key])
-    for i in (it, again):
-        if hasattr(i, "close"):
-            i.close()
+    assert_restores_exactly(ds, skip=3, take=8)  # across windows (7 records) and into the next (reshuffled) epoch
 
 
 def test_skipped_records_take_no_room_and_are_counted(setup, tmp_path, caplog):

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from data_fixtures import make_vif_corpus, train_tokenizer
+from data_fixtures import assert_restores_exactly, make_vif_corpus, train_tokenizer
 
 from xllava_jax.data.images import ImageConfig, preprocess
 from xllava_jax.data.pipeline import DataError, VifSpec, encode_record, fit_length, load_records, vif_dataset
@@ -65,20 +65,7 @@ def test_resume_mid_epoch_gives_the_same_batches(setup, workers):
     _, corpus, _, spec = setup
     records, _ = load_records([corpus])
     ds = vif_dataset(records, spec, batch_size=2, seed=3, num_epochs=2, num_workers=workers)
-    it = iter(ds)
-    for _ in range(5):
-        next(it)
-    state = it.get_state()
-    want = [next(it) for _ in range(6)]  # runs into the second (reshuffled) epoch
-    again = iter(ds)
-    again.set_state(state)
-    for w in want:
-        got = next(again)
-        for key in w:
-            np.testing.assert_array_equal(got[key], w[key])
-    for i in (it, again):
-        if hasattr(i, "close"):
-            i.close()
+    assert_restores_exactly(ds, skip=5, take=6)  # runs into the second (reshuffled) epoch
 
 
 def test_bad_image_is_skipped_counted_or_stops_in_strict_mode(setup, tmp_path, caplog):
