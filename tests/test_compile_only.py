@@ -120,3 +120,15 @@ def test_collectives_are_read_from_hlo():
     assert found == {"all-gather": {"count": 2, "largest_bytes": 64 * 128 * 96 * 2, "full_batch": 1},
                      "reduce-scatter": {"count": 1, "largest_bytes": 128 * 16 * 4, "full_batch": 0},
                      "all-reduce": {"count": 1, "largest_bytes": 4, "full_batch": 0}}
+
+
+@pytest.mark.parametrize("name,sizes", [("v5e-64", (2, 8, 4)), ("v5p-32", (1, 16, 1)), ("v6e-16", (1, 4, 4))])
+def test_meshes_over_topology_devices(name, sizes):
+    """A mesh over a slice's devices, laid onto its torus where mesh_utils can and in device order where
+    it cannot (v5e-64 as 2 x 8 x 4 is such a shape): every device once."""
+    from xllava_jax.sharding import make_mesh
+
+    devices = topology_devices(parse_topology(name))
+    mesh = make_mesh(sizes, devices)
+    assert tuple(mesh.shape.values()) == sizes
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)

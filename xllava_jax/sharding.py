@@ -93,11 +93,11 @@ def make_mesh(sizes: Sequence[int], devices: Sequence | None = None) -> Mesh:
     if math.prod(sizes) != len(devices):
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                          f"{len(devices)} present")
-    try:  # a layout that follows the physical interconnect (TPU tori), where the devices say it
-        from jax.experimental import mesh_utils
+    from jax.experimental import mesh_utils
 
+    try:  # a layout that follows the physical interconnect (TPU tori), where the devices say it
         grid = mesh_utils.create_device_mesh(sizes, devices)
-    except (ValueError, NotImplementedError, AssertionError, AttributeError):
+    except (ValueError, NotImplementedError):  # a mesh shape mesh_utils cannot lay onto the torus: device order
         grid = np.asarray(devices, dtype=object).reshape(sizes)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 

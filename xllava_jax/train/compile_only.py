@@ -26,7 +26,7 @@ import numpy as np
 from xllava_jax import sharding
 from xllava_jax.config import ConfigError, ModelConfig
 from xllava_jax.train.flops import model_flops_per_step
-from xllava_jax.train.setup import make_mesh, prepare
+from xllava_jax.train.setup import check_batch, make_mesh, prepare
 
 GIB = 1024**3
 # family: (libtpu topology prefix, chip config, TensorCores per device name unit, grid dims, HBM GiB per chip as
@@ -208,8 +208,6 @@ def compile_only(config, topology: str | None = None, log=print) -> dict:
     else:
         hbm = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB / len(devices)
     mesh = make_mesh(config.mesh, devices)
-    from xllava_jax.train.trainer import check_batch
-
     check_batch(config, mesh)
     where = topo.name if topo else f"{len(devices)} local {devices[0].platform} devices"
     start = time.perf_counter()

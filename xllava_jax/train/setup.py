@@ -41,6 +41,16 @@ def make_mesh(mesh_cfg, devices: Sequence | None = None) -> jax.sharding.Mesh:
         raise ConfigError(str(e)) from None
 
 
+def check_batch(config, mesh) -> None:
+    """The batch and loss settings fit the mesh and the process count (one line naming the keys)."""
+    data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.train.batch_size % (data_ways * config.train.grad_accum) or config.train.batch_size % jax.process_count():
+        raise ConfigError(f"train.batch_size {config.train.batch_size} must divide by data x fsdp ({data_ways}) x "
+                          f"grad_accum ({config.train.grad_accum}) and by the process count")
+    if config.train.loss_chunk < 0:
+        raise ConfigError(f"train.loss_chunk must be >= 0 (0: unfused loss), got {config.train.loss_chunk}")
+
+
 def tokenizer_path(config) -> str:
     path = config.tokenizer or config.init
     if not path:

@@ -26,7 +26,7 @@ from xllava_jax import sharding
 from xllava_jax.config import ConfigError, ModelConfig
 from xllava_jax.train.flops import matmul_peak_flops, model_flops_per_step
 from xllava_jax.train.metrics import MetricsWriter, plot_loss
-from xllava_jax.train.setup import TrainSetup, make_mesh, prepare, tokenizer_path
+from xllava_jax.train.setup import TrainSetup, check_batch, make_mesh, prepare, tokenizer_path
 
 log = logging.getLogger("xllava.train")
 STAGES = ("llm_pretrain", "align", "vif")
@@ -148,16 +148,6 @@ def _resume(manager: ocp.CheckpointManager, step: int, state, data):
             state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data),
             counters=ocp.args.JsonRestore()))
     return restored["state"], restored["data"], restored["counters"]
-
-
-def check_batch(config, mesh) -> None:
-    """The batch and loss settings fit the mesh and the process count (one line naming the keys)."""
-    data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.train.batch_size % (data_ways * config.train.grad_accum) or config.train.batch_size % jax.process_count():
-        raise ConfigError(f"train.batch_size {config.train.batch_size} must divide by data x fsdp ({data_ways}) x "
-                          f"grad_accum ({config.train.grad_accum}) and by the process count")
-    if config.train.loss_chunk < 0:
-        raise ConfigError(f"train.loss_chunk must be >= 0 (0: unfused loss), got {config.train.loss_chunk}")
 
 
 def train(config, workdir: str | Path) -> Path:
