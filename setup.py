@@ -13,6 +13,7 @@ setup(
         "flax==0.12.8",
         "optax==0.2.8",
         "orbax-checkpoint==0.12.8",
+        "tensorstore==0.1.86",  # read directly to check a checkpoint's files before a restore
         "grain==0.2.18",
         "array_record==0.8.6",
         "sentencepiece==0.2.3",

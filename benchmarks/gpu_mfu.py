@@ -28,7 +28,7 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from xllava_jax.config import ModelConfig, TextConfig, VisionConfig  # noqa: E402
-from xllava_jax.models.loss import IGNORE_INDEX  # noqa: E402
+from xllava_jax.constants import IGNORE_INDEX  # noqa: E402
 from xllava_jax.models.xllava import XLlava, count_params  # noqa: E402
 from xllava_jax.train.flops import model_flops_per_step  # noqa: E402
 from xllava_jax.train.optim import trainable_filter  # noqa: E402

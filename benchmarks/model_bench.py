@@ -51,7 +51,7 @@ from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from xllava_jax.config import ModelConfig  # noqa: E402
-from xllava_jax.models.loss import IGNORE_INDEX  # noqa: E402
+from xllava_jax.constants import IGNORE_INDEX  # noqa: E402
 from xllava_jax.models.xllava import build_model  # noqa: E402
 from xllava_jax.train.step import forward_loss_sum  # noqa: E402
 

@@ -193,6 +193,7 @@ def main(argv=None) -> None:
 
     from xllava_jax.train.config import apply_overrides, load_config
     from xllava_jax.train.setup import make_mesh, prepare
+    from xllava_jax.train.stage_config import StageConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         from data_fixtures import train_tokenizer
@@ -202,9 +203,9 @@ def main(argv=None) -> None:
         for pack in (True, False):
             data[pack], mean_useful[pack] = batches(records, small, tok, max_len=args.max_len, pack=pack,
                                                     count=args.steps + 1, window=args.window, images_per_row=slots)
-    config = apply_overrides(load_config(str(ROOT / "configs/vif.py:demo")), [
+    config = StageConfig.from_config_dict(apply_overrides(load_config(str(ROOT / "configs/vif.py:demo")), [
         "model.preset=bench_small", f"train.batch_size={mb.BATCH}", f"data.max_len={args.max_len}",
-        "train.warmup_ratio=0.0", "train.schedule=constant"])
+        "train.warmup_ratio=0.0", "train.schedule=constant"]))
     mesh = make_mesh(config.mesh)
     times = {True: [], False: []}
     with jax.set_mesh(mesh):

@@ -1,6 +1,6 @@
 """The real trainer's step against an HF transformers + torch AdamW step, side by side, on bench_small.
 
-Ours: `xllava_jax.train.trainer.prepare` (the step `xllava train` runs: micro-batched gradients over
+Ours: `xllava_jax.train.setup.prepare` (the step `xllava train` runs: micro-batched gradients over
 the projector + LLM, clipping, per-group AdamW, the non-finite guard, explicit shardings, donated state)
 with the `vif` stage config. Anchor: `LlavaForConditionalGeneration` with the same config, vision tower
 frozen, torch AdamW, gradient clipping at 1.0. Batch 4 x 512 tokens (1 bos + 196 image + 315 text),
@@ -33,6 +33,7 @@ import model_bench as mb  # noqa: E402  (the HF anchor, batch maker and machine 
 from xllava_jax.train.config import apply_overrides, load_config  # noqa: E402
 from xllava_jax.train.flops import model_flops_per_step  # noqa: E402
 from xllava_jax.train.setup import make_mesh, prepare  # noqa: E402
+from xllava_jax.train.stage_config import StageConfig  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -42,10 +43,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     load = mb.OtherLoad()
 
-    config = apply_overrides(load_config(str(ROOT / "configs/vif.py:demo")), [
+    config = StageConfig.from_config_dict(apply_overrides(load_config(str(ROOT / "configs/vif.py:demo")), [
         "model.preset=bench_small", f"train.batch_size={mb.BATCH}", f"train.lr={mb.LR}",
         f"train.weight_decay={mb.WEIGHT_DECAY}", "train.clip_norm=1.0", "train.warmup_ratio=0.0",
-        "train.schedule=constant"])
+        "train.schedule=constant"]))
     mesh = make_mesh(config.mesh)
     with jax.set_mesh(mesh):
         run = prepare(config, mesh)

@@ -28,22 +28,17 @@ def get_config(preset: str = "demo"):
         c.train.trainable = "projector,lora"
         c.train.lr, c.train.projector_lr = 2e-4, 2e-5
     if preset in ("demo", "demo_short"):
-        # 128 tokens hold the image and a record's short-answer turns, which come first (the long turns after
-        # them are cut); the template goes without LLaMA-2's 85-token system prompt.
-        # lr 5e-4 held constant after warm-up: at 1e-3 or 2e-3 the tiny LLM fits counting and positions but
-        # never starts reading colours in the mixed data (colour stays at the majority baseline; the LLM's lr is
-        # what blocks it, not the projector's), and a cosine decay stops the learning that starts late.
+        # 128 tokens hold the image and a record's short-answer turns (they come first); no system prompt.
+        # lr held constant: the tiny LLM starts reading colours late (the demo notes in BENCHMARKS.md).
         c.train.steps, c.train.batch_size, c.data.max_len = 3000, 16, 128
         c.train.lr, c.train.schedule = 5e-4, "constant"
         c.data.system = ""
         c.checkpoint.every = 250
     if preset == "demo_short":
-        # The demo's first vif stages: single short questions (data/vif_short_{en,ko}.json, under 48 tokens each),
-        # colour and shape questions alone, then with position and yes/no questions, before the mixed task records.
-        # Started on the mixed records (or on every kind of short question at once), the tiny LLM learns which
-        # colours and shapes are present but not which goes with which: colour and shape answers stay at or
-        # below naming anything present. Alone, at three times the batch that the short samples allow, they are
-        # bound: held-out colour ~45% after 600 steps, ~75% after 1200, ~90% after 1800.
+        # The curriculum's first stages: single short questions (data/vif_short_{en,ko}.json), which bind colour
+        # and shape to objects before the mixed records do. Their answers are at most a few tokens, so the
+        # fused loss runs 4 positions per row at a time (more chunks only where an answer is longer).
         c.train.steps, c.train.batch_size, c.data.max_len = 1500, 48, 48
+        c.train.loss_chunk = 4
         c.checkpoint.every = 300
     return c

@@ -11,8 +11,8 @@ from PIL import Image, ImageDraw
 
 from xllava_jax import checkpoint
 from xllava_jax.config import ModelConfig, TextConfig
-from xllava_jax.data.tokenizer import Tokenizer
 from xllava_jax.models.xllava import build_model
+from xllava_jax.tokenizer.runtime import Tokenizer
 
 
 def tiny_config(vocab_size: int) -> ModelConfig:

@@ -94,8 +94,9 @@ def test_preparing_13b_abstractly_allocates_nothing():
     memory) prepares as shapes and shardings only."""
     from xllava_jax.train.config import apply_overrides, load_config
     from xllava_jax.train.setup import make_mesh, prepare
+    from xllava_jax.train.stage_config import StageConfig
 
-    config = apply_overrides(load_config(f"{ROOT}/configs/vif.py:xllava_13b"), [])
+    config = StageConfig.from_config_dict(apply_overrides(load_config(f"{ROOT}/configs/vif.py:xllava_13b"), []))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     run = prepare(config, make_mesh(config.mesh), abstract=True)
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024

@@ -231,10 +231,12 @@ def test_llava_export_names_its_vision_tower_by_hub_name_never_a_local_path(hf_l
     assert names == {"orig": "openai/clip-vit-large-patch14-336", "hf": "vision_tower"}
 
 
-def test_original_llava_layout_needs_vision_src(hf_llava, tmp_path):
+def test_original_llava_layout_needs_vision_src(hf_llava, tmp_path, capsys):
     H.save_original_llava(hf_llava[0], tmp_path / "x", tmp_path / "clip")
-    with pytest.raises(ConversionError, match="--vision-src"):
+    with pytest.raises(ConversionError, match="`vision_src`"):  # the library names its parameter
         xllava_jax.load_pretrained(tmp_path / "x")
+    assert cli(["convert", "hf2jax", "--src", str(tmp_path / "x"), "--out", str(tmp_path / "o")]) == 2
+    assert "--vision-src" in capsys.readouterr().err  # the command names its flag
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -329,11 +331,13 @@ def test_bad_inputs_give_one_line(hf_llava, tmp_path, capsys):
     assert "cannot read checkpoint metadata" in capsys.readouterr().err
 
 
-def test_bin_weights_only_when_asked(hf_llava, tmp_path):
+def test_bin_weights_only_when_asked(hf_llava, tmp_path, capsys):
     model, _, ids, pixels, want = hf_llava
     _write_bin(model, tmp_path)
-    with pytest.raises(ConversionError, match="--allow-bin"):
+    with pytest.raises(ConversionError, match="`allow_bin`=True"):  # the library names its parameter
         load_hf(tmp_path)
+    assert cli(["convert", "hf2jax", "--src", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "--allow-bin" in capsys.readouterr().err  # the command names its flag
     ours, _ = load_hf(tmp_path, allow_bin=True)
     assert np.abs(np.asarray(ours(jnp.asarray(ids), jnp.asarray(pixels))) - want).max() <= TOL
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -44,7 +45,8 @@ TEXT = {"en": ("What colour is the {o}?", "The {o} looks grey, and the scene aro
 
 
 def _box(name: str, side: int) -> dict:
-    return {"object_id": hash(name) % 10**6, "x": 0, "y": 0, "w": side, "h": side, "names": [name], "synsets": []}
+    return {"object_id": zlib.crc32(name.encode()) % 10**6,  # stable across processes, unlike hash(str)
+            "x": 0, "y": 0, "w": side, "h": side, "names": [name], "synsets": []}
 
 
 def make_vg(root: Path) -> Path:

@@ -9,10 +9,10 @@ from infer_fixtures import make_checkpoint, make_image
 
 import xllava_jax
 from xllava_jax.cli import main
-from xllava_jax.data.tokenizer import Tokenizer
 from xllava_jax.errors import UserError
 from xllava_jax.infer.engine import Engine, _TextStream
 from xllava_jax.infer.generate import Generator
+from xllava_jax.tokenizer.runtime import Tokenizer
 
 NEW = 8
 QUESTIONS = ["What colour is the shape?", "무슨 색인가요?", "how many circles are there", "왼쪽 위 모양은?",

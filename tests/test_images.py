@@ -24,6 +24,12 @@ def hf_pixels(image: Image.Image, size: int, square: bool = False) -> np.ndarray
     return hf_processor(size, square)(image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
 
 
+def assert_bit_identical(ours: np.ndarray, hf: np.ndarray) -> None:
+    """Same dtype, same shape, every float equal: the module docstring's "bit-identical to HF"."""
+    assert ours.dtype == hf.dtype == np.float32 and ours.shape == hf.shape, (ours.dtype, hf.dtype, ours.shape, hf.shape)
+    np.testing.assert_array_equal(ours, hf)
+
+
 def llava_expand2square(pil_img, background_color):
     """Verbatim from LLaVA's llava/mm_utils.py."""
     width, height = pil_img.size
@@ -59,19 +65,19 @@ def test_crop_and_pad_match_hf(shape, size):
     image = textured(*shape)
     crop = preprocess(image, ImageConfig.for_vision(size, aspect="crop"))
     assert crop.shape == (size, size, 3) and crop.dtype == np.float32
-    np.testing.assert_allclose(crop, hf_pixels(image, size), rtol=0, atol=1e-5)
+    assert_bit_identical(crop, hf_pixels(image, size))
 
     cfg = ImageConfig.for_vision(size)
     assert cfg.aspect == "pad"
     padded = llava_expand2square(image, tuple(int(x * 255) for x in hf_processor(size).image_mean))
-    np.testing.assert_allclose(preprocess(image, cfg), hf_pixels(padded, size), rtol=0, atol=1e-5)
+    assert_bit_identical(preprocess(image, cfg), hf_pixels(padded, size))
 
 
 @pytest.mark.parametrize("shape", [(640, 480), (33, 57)])
 def test_resize_matches_hf_square_resize(shape):
     image = textured(*shape, seed=1)
     ours = preprocess(image, ImageConfig.for_vision(32, aspect="resize"))
-    np.testing.assert_allclose(ours, hf_pixels(image, 32, square=True), rtol=0, atol=1e-5)
+    assert_bit_identical(ours, hf_pixels(image, 32, square=True))
 
 
 def test_custom_mean_std_and_tiny_size():
@@ -80,7 +86,7 @@ def test_custom_mean_std_and_tiny_size():
     hf = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
                                image_mean=[0.5] * 3, image_std=[0.5] * 3)
     ref = hf(image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
-    np.testing.assert_allclose(preprocess(image, cfg), ref, rtol=0, atol=1e-5)
+    assert_bit_identical(preprocess(image, cfg), ref)
     assert cfg.mean == (0.5, 0.5, 0.5) and hash(cfg) == hash(ImageConfig(32, (0.5,) * 3, (0.5,) * 3, "crop"))
     assert cfg.fill == (127, 127, 127)
 
@@ -129,7 +135,7 @@ def test_alpha_composited_over_white():
     assert rgb(la).tolist() == [[255, 255, 255], [100, 100, 100]]
     # HF composites over white too, so the whole pipeline still matches it
     big = Image.fromarray(np.dstack([np.asarray(textured(40, 30)), np.tile(np.arange(0, 240, 6, np.uint8), (30, 1))]))
-    np.testing.assert_allclose(preprocess(big, ImageConfig.for_vision(32, "crop")), hf_pixels(big, 32), atol=1e-5)
+    assert_bit_identical(preprocess(big, ImageConfig.for_vision(32, "crop")), hf_pixels(big, 32))
 
 
 def test_palette_with_and_without_transparency():

@@ -14,7 +14,8 @@ from PIL import Image
 from tests.chat_server import Reply, ScriptedServer, status
 from xllava_jax.api.client import ApiError
 from xllava_jax.errors import UserError
-from xllava_jax.eval.judge import parse_score_pair, score_llava_bench
+from xllava_jax.eval.cli import judge_llava_bench
+from xllava_jax.eval.judge import parse_score_pair
 
 # question_id -> (category, reference score, our score) the scripted judge gives
 PLAN = {1: ("conv", 8, 6), 2: ("conv", 10, 10), 3: ("detail", 5, 4), 4: ("complex", 9, 3), 5: ("complex", 7, 7)}
@@ -75,7 +76,7 @@ def test_relative_scores_per_category(bench, tmp_path, capsys):
     with ScriptedServer(_scores_from_prompt) as server:
         bench.api_base = server.url
         bench.out = str(tmp_path / "out" / "llava_bench.json")
-        metrics = score_llava_bench(bench)
+        metrics = judge_llava_bench(bench)
     assert len(server.requests) == 5
     first = next(r for r in server.requests if "picture 1?" in _user_text(r))  # requests arrive in any order
     assert first["model"] == "judge-4" and first["temperature"] == 0.2
@@ -113,7 +114,7 @@ def test_unparseable_retried_once_then_failed(bench):
 
     with ScriptedServer(responder) as server:
         bench.api_base = server.url
-        metrics = score_llava_bench(bench)
+        metrics = judge_llava_bench(bench)
     retries = [r for r in server.requests if len(r["messages"]) == 4]
     assert len(retries) == 2 and retries[0]["messages"][3]["content"].startswith("Your first line must contain")
     assert metrics["failed"] == 1 and metrics["failed_ids"] == [4] and metrics["judged"] == 4
@@ -134,7 +135,7 @@ def test_kllava_w_korean_rules_with_images(bench):
 
     with ScriptedServer(responder) as server:
         bench.api_base = server.url
-        metrics = score_llava_bench(bench)
+        metrics = judge_llava_bench(bench)
     assert server.requests[0]["messages"][0]["content"].startswith("당신은")
     for qid, text in seen:
         assert f"picture {qid}?" in text  # the image sent is the question's own
@@ -147,18 +148,18 @@ def test_bad_inputs_are_one_line_errors(bench, tmp_path):
     with open(bench.answers, "a") as f:
         f.write("{not json\n")
     with pytest.raises(UserError, match=r"answers.jsonl:6: malformed JSON"):
-        score_llava_bench(bench)
+        judge_llava_bench(bench)
     bench.answers = _write_jsonl(tmp_path / "dup.jsonl", [{"question_id": 1, "text": "a"}] * 2)
     with pytest.raises(UserError, match=r"dup.jsonl:2: question_id 1 appears twice"):
-        score_llava_bench(bench)
+        judge_llava_bench(bench)
     bench.context = None
     with pytest.raises(UserError, match="--context .* or --image-root"):
-        score_llava_bench(bench)
+        judge_llava_bench(bench)
     bench.context, bench.image_root = None, str(tmp_path)
     bench.questions = _write_jsonl(tmp_path / "escape.jsonl", [{"question_id": 1, "image": "../x.png", "text": "?"}])
     bench.answers = _write_jsonl(tmp_path / "one.jsonl", [{"question_id": 1, "text": "score=1"}])
     with pytest.raises(UserError, match="climbs out of the image root"):
-        score_llava_bench(bench)
+        judge_llava_bench(bench)
 
 
 def test_score_cli_prints_metrics_and_writes_reviews(bench, tmp_path, capsys):

@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from xllava_jax.config import ModelConfig
-from xllava_jax.models.loss import IGNORE_INDEX, head_loss_sum, next_token_loss
+from xllava_jax.constants import IGNORE_INDEX
+from xllava_jax.models.loss import head_loss_sum, next_token_loss
 from xllava_jax.models.xllava import XLlava
 from xllava_jax.train.optim import trainable_filter
 from xllava_jax.train.step import forward_loss_sum, make_train_step

@@ -10,7 +10,8 @@ from flax import nnx
 
 import xllava_jax
 from xllava_jax.config import ModelConfig
-from xllava_jax.models.loss import IGNORE_INDEX, next_token_loss
+from xllava_jax.constants import IGNORE_INDEX
+from xllava_jax.models.loss import next_token_loss
 from xllava_jax.models.xllava import build_model
 from xllava_jax.sharding import DEFAULT_RULES as LOGICAL_RULES
 

@@ -18,10 +18,11 @@ from flax import nnx
 from PIL import Image, ImageDraw
 
 from xllava_jax.config import ModelConfig
+from xllava_jax.constants import IGNORE_INDEX
 from xllava_jax.data.images import ImageConfig, preprocess
 from xllava_jax.data.packing import MIN_TEXT_TOKENS, default_images_per_row, pack_row, plan_rows
 from xllava_jax.data.pipeline import DataError, VifSpec, batch_shapes, encode_record, load_records, vif_dataset
-from xllava_jax.models.loss import IGNORE_INDEX, shifted_targets
+from xllava_jax.models.loss import shifted_targets
 from xllava_jax.models.xllava import XLlava
 from xllava_jax.train.step import forward_loss_sum
 
@@ -163,7 +164,8 @@ def test_batch_shapes_describe_the_batches(setup):
 
 def test_trainer_builds_packed_batches_from_the_config(setup):
     from xllava_jax.train.config import apply_overrides, load_config
-    from xllava_jax.train.trainer import make_data
+    from xllava_jax.train.data import make_data
+    from xllava_jax.train.stage_config import StageConfig
 
     d, _, root, _ = setup
     for preset, packed in (("demo", False), ("xllava_13b", True), ("xllava_13b_lora", True)):
@@ -173,7 +175,7 @@ def test_trainer_builds_packed_batches_from_the_config(setup):
         f"tokenizer={d / 'tokenizer.model'}", f"data.corpus={d / 'corpus.jsonl'}", f"data.image_root={root}",
         "data.pack=true", "data.max_len=256", "data.images_per_row=3", "data.pack_window=16"])
     cfg = ModelConfig.tiny(text=dataclasses.replace(ModelConfig.tiny().text, vocab_size=501), image_token_id=500)
-    data, problems = make_data(config, cfg, 2)
+    data, problems = make_data(StageConfig.from_config_dict(config), cfg, 2)
     batch = next(data)
     assert not problems and batch["pixel_values"].shape == (2, 3, 32, 32, 3)
     assert batch["segment_ids"].max() >= 2 and batch["positions"].shape == (2, 256)

@@ -48,7 +48,7 @@ def direct_nll(engine: Engine, text: str) -> tuple[float, int]:
 
 def test_windows_cover_every_token_once():
     assert windows([[5, 6, 7, 8, 9], [3]], 1, 3) == [[1, 5, 6], [1, 7, 8], [1, 9], [1, 3]]
-    with pytest.raises(UserError, match="seq-len"):
+    with pytest.raises(UserError, match="`seq_len` must be at least 2"):  # the library names its parameter
         windows([[5]], 1, 1)
 
 
@@ -79,3 +79,5 @@ def test_command_line(setup, tmp_path, capsys):
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe bad")
     assert main(["eval", "perplexity", "--ckpt", str(ckpt), "--text", str(tmp_path / "bad.txt")]) == 2
     assert "bad.txt: not UTF-8" in capsys.readouterr().err
+    assert main(["eval", "perplexity", "--ckpt", str(ckpt), "--text", str(root / "en.txt"), "--seq-len", "1"]) == 2
+    assert "--seq-len must be at least 2" in capsys.readouterr().err  # the command names its flag

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from data_fixtures import assert_restores_exactly, make_vif_corpus, train_tokenizer
 
+from xllava_jax.constants import IGNORE_INDEX
 from xllava_jax.data.images import ImageConfig, preprocess
 from xllava_jax.data.pipeline import DataError, VifSpec, encode_record, fit_length, load_records, vif_dataset
-from xllava_jax.models.loss import IGNORE_INDEX
 
 N_IMG, IMG_ID, SIZE = 4, 499, 16
 

@@ -28,7 +28,7 @@ from xllava_jax.cli import main
 from xllava_jax.data.conversation import LLAMA2_SYSTEM
 from xllava_jax.infer import openai_protocol as api
 from xllava_jax.infer.engine import Engine
-from xllava_jax.infer.serve import ChatServer, prompt_ids
+from xllava_jax.infer.serve import ChatServer
 
 MAX = 8
 GREEDY = {"temperature": 0, "max_tokens": MAX}
@@ -174,7 +174,7 @@ def test_system_message_replaces_the_template_system_prompt(env):
     system = LLAMA2_SYSTEM.replace("helpful", "kind")  # about as long, to reuse the compiled prompt bucket
     reply = env.client.chat.completions.create(model="tiny", messages=[
         {"role": "system", "content": system}, {"role": "user", "content": QUESTIONS[1]}], **GREEDY)
-    prompt = prompt_ids(env.engine, [("human", QUESTIONS[1])], system)
+    prompt = env.engine.prompt_ids([("human", QUESTIONS[1])], with_image=False, system=system)
     assert prompt != env.engine.prompt_ids([("human", QUESTIONS[1])], with_image=False)
     assert reply.usage.prompt_tokens == len(prompt)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from xllava_jax.data import synth_phrases as ph
+from xllava_jax.data.cli import add_synth_parser, run_synth
 from xllava_jax.data.korean import PARTICLES, final_consonant, josa, native_number, particle
 from xllava_jax.data.synth_scenes import RGB, Obj, Question, Scene
 from xllava_jax.data.synthetic import (
@@ -22,8 +23,6 @@ from xllava_jax.data.synthetic import (
     SHORT_ANSWER_KO,
     TASKS,
     SynthError,
-    add_synth_parser,
-    run_synth,
     synthesize,
 )
 from xllava_jax.data.vif import Problem, read_corpus, resolve_image

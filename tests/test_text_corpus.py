@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from xllava_jax.constants import IGNORE_INDEX
 from xllava_jax.data.text import CorpusError, open_source, text_dataset
-from xllava_jax.data.tokenizer import Tokenizer
-from xllava_jax.models.loss import IGNORE_INDEX
+from xllava_jax.tokenizer.runtime import Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -32,14 +32,18 @@ from jax.sharding import PartitionSpec as P
 from xllava_jax.checkpoint import load_checkpoint
 from xllava_jax.cli import main as cli_main
 from xllava_jax.config import ModelConfig
+from xllava_jax.constants import IGNORE_INDEX
 from xllava_jax.data.synthetic import synthesize
-from xllava_jax.models.loss import IGNORE_INDEX
 from xllava_jax.models.xllava import XLlava
 from xllava_jax.sharding import MESH_AXES, activation_rules, logical_to_spec
 from xllava_jax.train.config import apply_overrides, load_config
+from xllava_jax.train.data import global_batch
+from xllava_jax.train.errors import TrainingError
+from xllava_jax.train.loop import EMPTY_STEPS_LIMIT
 from xllava_jax.train.metrics import read_metrics
 from xllava_jax.train.setup import initial_model, make_mesh, model_config, prepare
-from xllava_jax.train.trainer import EMPTY_STEPS_LIMIT, TrainingError, global_batch, train
+from xllava_jax.train.stage_config import StageConfig
+from xllava_jax.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 VIF, ALIGN, PRETRAIN = (f"{ROOT}/configs/{stage}.py:demo" for stage in ("vif", "align", "llm_pretrain"))
@@ -140,6 +144,7 @@ def params_of(model: nnx.Module) -> dict[str, np.ndarray]:
 
 def start_model(config) -> nnx.Module:
     """The model a run of `config` starts from (a random init is a function of the seed)."""
+    config = StageConfig.from_config_dict(config)
     mesh = make_mesh(config.mesh)
     with jax.set_mesh(mesh):
         return initial_model(config, model_config(config, list(mesh.devices.flat)), mesh, None)
@@ -273,6 +278,21 @@ def test_align_trains_only_the_projector(corpus, tmp_path):
 
 
 # --------------------------------------------------------------------------- 2. resume exactness
+def assert_resumed(before: list[dict], after: list[dict], start: int, end: int) -> None:
+    """A rerun resumed from step `start` and ran steps `start + 1 .. end`, each once, as metrics.jsonl (one
+    row per step, with that step's wall-clock `step_time_s`) shows: `before` holds its rows before the rerun,
+    `after` its rows after. Rows up to `start` are the earlier run's, untouched (a rerun from scratch, or
+    from an earlier checkpoint, rewrites them with other timings); rows after it are the rerun's own (an
+    earlier run's row for the same step, dropped on resume, had another timing)."""
+    assert [r["step"] for r in before[:start]] == list(range(1, start + 1)), "the earlier run's rows are missing"
+    assert [r["step"] for r in after] == list(range(1, end + 1))
+    assert after[:start] == before[:start], f"rows up to step {start} were rewritten: the rerun did not resume there"
+    old = {r["step"]: r["step_time_s"] for r in before}
+    rerun = after[start:]
+    assert len(rerun) == end - start
+    assert all(r["step_time_s"] != old.get(r["step"]) for r in rerun), "a row after the resume step was not rerun"
+
+
 def wait_for_step(proc: subprocess.Popen, workdir: Path, step: int, log: Path, timeout: float = 300) -> int:
     """Poll metrics.jsonl until it shows `step` (returns the step it shows)."""
     deadline = time.monotonic() + timeout
@@ -321,9 +341,11 @@ def test_resume_after_sigkill_and_sigterm_matches_an_uninterrupted_run(corpus, r
     assert proc.wait() == -signal.SIGKILL
     killed_at = last_logged_step(workdir)
     assert finished_checkpoints(workdir) and max(finished_checkpoints(workdir)) <= killed_at
+    killed_rows = read_metrics(workdir)
 
     # The same command resumes; SIGTERM at a random later step saves that step and exits with one line.
     resumed_from = max(finished_checkpoints(workdir))
+    assert resumed_from % EVERY == 0 and resumed_from >= EVERY, finished_checkpoints(workdir)
     term_at = rng.randint(killed_at + 1, STEPS - 3)
     proc = start_cli(VIF, overrides, workdir, env, log)
     processes.append(proc)
@@ -336,11 +358,16 @@ def test_resume_after_sigkill_and_sigterm_matches_an_uninterrupted_run(corpus, r
     assert term_at <= saved < STEPS and saved in finished_checkpoints(workdir), (line, finished_checkpoints(workdir))
     assert "rerun the same command to resume" in line
     print(f"seed {seed}: SIGKILL at step {killed_at} (checkpoint {resumed_from}), SIGTERM saved step {saved}")
+    # It resumed from the SIGKILLed run's last checkpoint and ran exactly the steps after it, up to `saved`.
+    terminated_rows = read_metrics(workdir)
+    assert_resumed(killed_rows, terminated_rows, resumed_from, saved)
 
-    # Once more to the end: every step once, with exactly the reference run's batches and losses.
+    # Once more to the end: it resumes from the SIGTERM checkpoint and runs every later step once, with
+    # exactly the reference run's batches and losses.
     proc = start_cli(VIF, overrides, workdir, env, log)
     processes.append(proc)
     assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    assert_resumed(terminated_rows, read_metrics(workdir), saved, STEPS)
     assert_same_rows(read_metrics(workdir), read_metrics(reference))
     final, ref = params_of(load_checkpoint(workdir / "final")[0]), params_of(load_checkpoint(reference / "final")[0])
     assert all(np.array_equal(final[k], ref[k]) for k in ref), f"seed {seed}: final params differ"
@@ -415,7 +442,7 @@ def synthetic_batch(cfg: ModelConfig, batch: int, seq: int, seed: int = 0) -> di
 def one_step(config, mesh, batch) -> tuple[float, dict, object]:
     # `prepare` places everything explicitly; outside the mesh context the eager random-init ops
     # compile once for all meshes instead of once per mesh.
-    run = prepare(config, mesh)
+    run = prepare(StageConfig.from_config_dict(config), mesh)
     with jax.set_mesh(mesh), activation_rules(run.rules):
         state, metrics = run.step_fn(run.state, run.frozen, global_batch(batch, mesh))
     return float(metrics["loss"]), state, run

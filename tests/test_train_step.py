@@ -8,7 +8,7 @@ import optax
 from flax import nnx
 
 from xllava_jax.config import ModelConfig
-from xllava_jax.models.loss import IGNORE_INDEX
+from xllava_jax.constants import IGNORE_INDEX
 from xllava_jax.models.xllava import XLlava
 from xllava_jax.train.optim import trainable_filter
 from xllava_jax.train.step import make_train_step

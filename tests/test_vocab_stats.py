@@ -8,7 +8,7 @@ import sentencepiece as spm
 from vocab_text import base_corpus, train_model
 
 from xllava_jax.tokenizer.cli import add_vocab_parser, run_vocab
-from xllava_jax.tokenizer.expand import TokenizerError
+from xllava_jax.tokenizer.runtime import TokenizerError
 from xllava_jax.tokenizer.stats import (
     compute_stats,
     count_tokens,

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from xllava_jax.config import ConfigError, ModelConfig, VisionConfig
+from xllava_jax.errors import UserError
 from xllava_jax.models.vision import VisionTower
 from xllava_jax.models.xllava import XLlava
 
@@ -29,61 +29,98 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "preprocessor_config.json", "processor_config.json", "expansion.json")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
-# What the reads of a failed orbax restore that were still in flight report when they finish.
-_READ_ECHOES = ("Encountered error while reading array index", "Event loop is closed")
+def _ocdbt_roots(directory: Path, depth: int = 2) -> list[Path]:
+    """The OCDBT databases orbax wrote in `directory` (or, `depth` levels down, in its items: a train
+    checkpoint's `state/`, a params checkpoint's per-process databases when no merged one is on top)."""
+    if (directory / "manifest.ocdbt").is_file():
+        return [directory]
+    if depth == 0 or not directory.is_dir():
+        return []
+    return [root for child in sorted(directory.iterdir()) if child.is_dir() for root in _ocdbt_roots(child, depth - 1)]
 
 
-def _is_read_echo(exc: BaseException | None) -> bool:
-    return exc is not None and any(text in str(exc) for text in _READ_ECHOES)
+def _location(text: str, root: Path) -> tuple[Path, int]:
+    """(file, end offset) of an OCDBT location, `kind:base_path:relative_path:offset:length`."""
+    path, offset, length = text.split(":", 1)[1].rsplit(":", 2)
+    base, _, relative = path.partition(":")
+    return root / unquote(base) / unquote(relative), int(offset) + int(length)
 
 
-class _EchoFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and _is_read_echo(record.exc_info[1]))
+def stored_problem(directory: str | Path) -> str | None:
+    """Why the arrays orbax stored under `directory` cannot all be read, or None when nothing is missing.
+
+    Walks each OCDBT database's latest b-tree (one node at a time) and checks that every data file it
+    points into exists and is long enough: a checkpoint cut short (an interrupted copy, a full disk) is
+    found before a restore starts, so no restore fails halfway with reads still in flight (their failures
+    would be reported again, as tracebacks and asyncio errors, as they finish). Only OCDBT databases (a
+    `manifest.ocdbt`, orbax's default) are checked."""
+    import tensorstore as ts
+
+    sizes: dict[Path, int] = {}
+
+    def short(path: Path, end: int) -> str | None:
+        if path not in sizes:
+            sizes[path] = path.stat().st_size if path.is_file() else -1
+        if sizes[path] < 0:
+            return f"{path}: missing"
+        return f"{path}: {sizes[path]} bytes where at least {end} are expected" if sizes[path] < end else None
+
+    for root in _ocdbt_roots(Path(directory)):
+        try:
+            store = ts.KvStore.open({"driver": "file", "path": f"{root}/"}).result()
+            versions = ts.ocdbt.dump(store).result().get("versions") or []
+            nodes = [versions[-1].get("root", {}).get("location")] if versions else []
+            while nodes:
+                node = nodes.pop()
+                if node is None:  # an empty database
+                    continue
+                if problem := short(*_location(node, root)):
+                    return problem
+                for entry in ts.ocdbt.dump(store, node).result().get("entries", []):
+                    if "location" in entry:  # an interior node's child
+                        nodes.append(entry["location"])
+                    elif "indirect_value" in entry and (problem := short(*_location(entry["indirect_value"], root))):
+                        return problem
+        except Exception as e:  # noqa: BLE001 - TensorStore reports unreadable nodes as bare exceptions
+            return f"{root}: {str(e).splitlines()[0][:300]}" if str(e) else f"{root}: {type(e).__name__}"
+    return None
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...] | None]:
+    return {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in where): getattr(leaf, "shape", None)
+            for where, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def stored_misfit(stored, target) -> str | None:
+    """How the arrays of a target tree differ from what orbax's metadata says is stored (`stored`, an
+    item's metadata tree), in one line; None when every name and shape matches."""
+    have, want = _shapes(stored), _shapes(target)
+    missing, unexpected = [k for k in want if k not in have], [k for k in have if k not in want]
+    if missing or unexpected:
+        return "; ".join(f"{len(keys)} {what}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+                         for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys)
+    for name, shape in want.items():
+        if have[name] is not None and tuple(have[name]) != tuple(shape):
+            return f"{name}: stored {tuple(have[name])}, the config needs {tuple(shape)}"
+    return None
 
 
 @contextlib.contextmanager
-def muted_read_echoes():
-    """Around an orbax restore: when it fails on one array, its other reads keep running in
-    TensorStore's threads and, as they finish, report the same failure again (callbacks into the
-    closed event loop, coroutines finalised with the read error, asyncio's "exception was never
-    retrieved"): hundreds of lines around the one error we raise, some of them while the failure
-    is still propagating. Those reports are dropped from the start of the restore: only exceptions
-    whose text is one of `_READ_ECHOES`, anything else is reported as before. After a restore that
-    succeeded the hooks are put back; after a failure they stay, since the echoes come later too."""
-    unraisable, excepthook, echo_filter = sys.unraisablehook, sys.excepthook, _EchoFilter()
-
-    def quiet_unraisable(report):
-        if not _is_read_echo(report.exc_value):
-            unraisable(report)
-
-    def quiet_excepthook(kind, value, tb):
-        if not _is_read_echo(value):
-            excepthook(kind, value, tb)
-
-    sys.unraisablehook, sys.excepthook = quiet_unraisable, quiet_excepthook
-    logging.getLogger("asyncio").addFilter(echo_filter)
-    yield
-    if sys.unraisablehook is quiet_unraisable:
-        sys.unraisablehook = unraisable
-    if sys.excepthook is quiet_excepthook:
-        sys.excepthook = excepthook
-    logging.getLogger("asyncio").removeFilter(echo_filter)
-
-
-@contextlib.contextmanager
-def restore_errors(error: type[Exception], misfit: str, damaged: str, suffix: str = ""):
-    """Around an orbax restore: its read echoes muted (`muted_read_echoes`), and a failure raised as
-    one line: `error(f"{misfit} (reason){suffix}")` for a target that does not fit what is stored
-    (ValueError, KeyError, FileNotFoundError), `error(f"{damaged} (reason){suffix}")` for anything
-    else (TensorStore's read errors arrive as a bare Exception; its array spec is dropped)."""
+def restore_errors(error: type[Exception], misfit: str, damaged: str, suffix: str = "", *,
+                   stored: str | Path | None = None):
+    """Around an orbax restore: a failure raised as one line, `error(f"{misfit} (reason){suffix}")` for a
+    target that does not fit what is stored (ValueError, KeyError, FileNotFoundError), `error(f"{damaged}
+    (reason){suffix}")` for anything else (TensorStore's read errors arrive as a bare Exception; its array
+    spec is dropped). With `stored` (the directory restored from), its data files are checked first
+    (`stored_problem`), so a checkpoint cut short is reported as damaged before any read starts."""
+    if stored is not None and (problem := stored_problem(stored)):
+        raise error(f"{damaged} ({problem}){suffix}")
     try:
-        with muted_read_echoes():
-            yield
+        yield
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise error(f"{misfit} ({str(e).splitlines()[0][:300]}){suffix}") from None
     except Exception as e:  # noqa: BLE001
@@ -124,7 +161,7 @@ def save_checkpoint(path: str | Path, model: nnx.Module, *, source: dict[str, An
     (`infer/engine.py`) uses it unless told otherwise."""
     path = Path(path).absolute()
     if (path / "params").exists():
-        raise CheckpointError(f"{path}: already holds a checkpoint; choose an empty --out directory")
+        raise CheckpointError(f"{path}: already holds a checkpoint; choose an empty `out` directory")
     path.mkdir(parents=True, exist_ok=True)
     state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     with ocp.StandardCheckpointer() as ckptr:
@@ -175,8 +212,11 @@ def load_checkpoint(path: str | Path, *, sharding=None, **overrides) -> tuple[nn
     flat = nnx.to_flat_state(abstract)
     targets = nnx.to_pure_dict(nnx.from_flat_state([(p, v.replace(target(v))) for p, v in flat]))
     with (restore_errors(CheckpointError, f"{path}: parameters do not fit the config",
-                         f"{path}: cannot read the parameters, the checkpoint is damaged or incomplete"),
+                         f"{path}: cannot read the parameters, the checkpoint is damaged or incomplete",
+                         stored=path / "params"),
           ocp.StandardCheckpointer() as ckptr):
+        if problem := stored_misfit(ckptr.metadata(path / "params").item_metadata, targets):
+            raise ValueError(problem)
         restored = ckptr.restore(path / "params", targets)
     nnx.replace_by_pure_dict(abstract, restored)
     return nnx.merge(graphdef, abstract), meta

@@ -8,15 +8,39 @@ composition (vision tower + projector + LLM). All three serialise to plain dicts
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
 import jax.numpy as jnp
 
-ROPE_TYPES = ("default", "linear", "llama3")
-PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
+from xllava_jax.errors import UserError
+
+
+class RopeType(enum.StrEnum):
+    """How RoPE frequencies are scaled for long contexts (HF `rope_scaling.rope_type`)."""
+
+    DEFAULT = "default"
+    LINEAR = "linear"
+    LLAMA3 = "llama3"
+
+
+class ProjectorType(enum.StrEnum):
+    """The vision -> LLM projector: two linears with a GELU between (LLaVA-1.5) or one linear."""
+
+    MLP2X_GELU = "mlp2x_gelu"
+    LINEAR = "linear"
+
+
+class Remat(enum.StrEnum):
+    """What the backward recomputes: nothing, each whole layer, or a layer less its matmul outputs."""
+
+    NONE = "none"
+    FULL = "full"
+    DOTS = "dots"
+
+
 SELECT_STRATEGIES = ("default", "full")
-REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "cpu_blocked")
 # Settings of how a model runs rather than what it is: not written into checkpoints.
 RUNTIME_FIELDS = ("attention", "platform")
@@ -25,8 +49,16 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 LLAVA_IMAGE_TOKEN_INDEX = -200
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot describe a model (unknown key, bad value)."""
+class ConfigError(UserError):
+    """A configuration that cannot describe a model or a run (unknown key, bad value)."""
+
+
+def enum_value(kind: type[enum.StrEnum], value: str, name: str):
+    """`value` as a member of `kind`; anything else is a ConfigError naming `name` and the choices."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be one of {tuple(m.value for m in kind)}, got {value!r}") from None
 
 
 def _from_dict(cls, data: dict[str, Any], where: str):
@@ -93,7 +125,7 @@ class TextConfig:
     head_dim: int | None = None
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_type: str = "default"
+    rope_type: RopeType = RopeType.DEFAULT
     rope_factor: float = 1.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
@@ -111,8 +143,7 @@ class TextConfig:
             raise ConfigError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.head_dim is None and self.hidden_size % self.num_heads:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.rope_type not in ROPE_TYPES:
-            raise ConfigError(f"rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
+        object.__setattr__(self, "rope_type", enum_value(RopeType, self.rope_type, "rope_type"))
 
     @property
     def dim_per_head(self) -> int:
@@ -147,13 +178,13 @@ class ModelConfig:
 
     text: TextConfig = field(default_factory=TextConfig)
     vision: VisionConfig | None = field(default_factory=VisionConfig)
-    projector_type: str = "mlp2x_gelu"
+    projector_type: ProjectorType = ProjectorType.MLP2X_GELU
     vision_feature_layer: int = -2
     vision_feature_select_strategy: str = "default"
     image_token_id: int = 32000
     dtype: str = "float32"
     param_dtype: str = "float32"
-    remat: str = "none"
+    remat: Remat = Remat.NONE
     scan_layers: bool = False
     attention: str = "auto"
     platform: str = ""
@@ -161,16 +192,14 @@ class ModelConfig:
     def __post_init__(self):
         if self.attention not in ATTENTION_IMPLS:
             raise ConfigError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
-        if self.projector_type not in PROJECTOR_TYPES:
-            raise ConfigError(f"projector_type must be one of {PROJECTOR_TYPES}, got {self.projector_type!r}")
+        object.__setattr__(self, "projector_type", enum_value(ProjectorType, self.projector_type, "projector_type"))
         if self.vision_feature_select_strategy not in SELECT_STRATEGIES:
             raise ConfigError(f"vision_feature_select_strategy must be one of {SELECT_STRATEGIES}, "
                               f"got {self.vision_feature_select_strategy!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        object.__setattr__(self, "remat", enum_value(Remat, self.remat, "remat"))
         if self.vision is not None:
             n = self.vision.num_layers
             if not -(n + 1) <= self.vision_feature_layer <= n:

@@ -42,9 +42,9 @@ def hf_to_checkpoint(src: str | Path, out: str | Path, *, vision_src: str | Path
     inferred from the source (`template` overrides it; what was chosen and why is said on stderr) and the
     vision tower's hub name."""
     if ckpt.is_checkpoint(out) or (Path(out) / "params").exists():
-        raise ConversionError(f"{out}: already holds a checkpoint; choose an empty --out directory")
+        raise ConversionError(f"{out}: already holds a checkpoint; choose an empty `out` directory")
     if template is not None and template not in conv.TEMPLATES:
-        raise ConversionError(f"unknown --template {template!r}; choose one of {', '.join(conv.TEMPLATES)}")
+        raise ConversionError(f"unknown `template` {template!r}; choose one of {', '.join(conv.TEMPLATES)}")
     model, meta = load_hf(src, vision_src=vision_src, param_dtype=param_dtype, allow_bin=allow_bin,
                           progress=progress)
     source = {"config": meta["source"], "vision": meta.get("vision_source"),
@@ -64,13 +64,13 @@ def export_layout(fmt: str | None, layout: str | None) -> str:
     """The layout `jax2hf` writes for its --format (what is written: hf-llava, llava, llama, clip) and --layout
     (the key names of a LLaVA model: hf5, hf4_52, hf4, llava; default: the installed transformers')."""
     if fmt is not None and fmt not in hf.FORMATS:
-        raise ConversionError(f"unknown --format {fmt!r}; choose one of {', '.join(hf.FORMATS)}")
+        raise ConversionError(f"unknown `fmt` {fmt!r}; choose one of {', '.join(hf.FORMATS)}")
     if layout is not None and layout not in (*hf.HF_LLAVA_LAYOUTS, "llava"):
-        raise ConversionError(f"unknown --layout {layout!r}; choose one of {', '.join(hf.HF_LLAVA_LAYOUTS)}, llava")
+        raise ConversionError(f"unknown `layout` {layout!r}; choose one of {', '.join(hf.HF_LLAVA_LAYOUTS)}, llava")
     fmt = fmt or ("llava" if layout == "llava" else "hf-llava")
     if layout is not None and hf.FORMAT_OF[layout] != fmt:
-        raise ConversionError(f"--layout {layout} does not go with --format {fmt}: --layout names the keys of a "
-                              "LLaVA export (hf5, hf4_52, hf4 for --format hf-llava; llava for --format llava)")
+        raise ConversionError(f"`layout` {layout} does not go with `fmt` {fmt}: `layout` names the keys of a "
+                              "LLaVA export (hf5, hf4_52, hf4 for `fmt` hf-llava; llava for `fmt` llava)")
     return layout or (installed_layout() if fmt == "hf-llava" else fmt)
 
 

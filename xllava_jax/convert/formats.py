@@ -162,7 +162,7 @@ def model_config_from_hf(config: dict[str, Any], fmt: str, vision: dict[str, Any
                            image_token_id=image_token, **common)
     if fmt == "llava":
         if vision is None:
-            raise ConfigError("the original LLaVA layout keeps its vision tower elsewhere: pass --vision-src "
+            raise ConfigError("the original LLaVA layout keeps its vision tower elsewhere: pass `vision_src` "
                               "(a CLIP directory, e.g. openai/clip-vit-large-patch14-336)")
         projector = config.get("mm_projector_type", "linear")
         if projector not in ("linear", "mlp2x_gelu"):
@@ -201,9 +201,9 @@ def model_config_to_hf(cfg: ModelConfig, fmt: str, source: dict[str, Any] | None
     dtype = cfg.param_dtype
     if fmt == "hf-llava":
         if cfg.vision is None:
-            raise ConfigError("a text-only model cannot be written as LLaVA; use --format llama")
+            raise ConfigError("a text-only model cannot be written as LLaVA; use `fmt` llama")
         if cfg.projector_type != "mlp2x_gelu":
-            raise ConfigError("transformers' LLaVA has no `linear` projector; use --format llava")
+            raise ConfigError("transformers' LLaVA has no `linear` projector; use `fmt` llava")
         if not 0 <= cfg.image_token_id < cfg.text.vocab_size:
             raise ConfigError(f"image_token_id {cfg.image_token_id} is not a vocabulary row; transformers' LLaVA "
                               "embeds the placeholder id, so resize the vocabulary to add an <image> token first")
@@ -222,7 +222,7 @@ def model_config_to_hf(cfg: ModelConfig, fmt: str, source: dict[str, Any] | None
                                      "vision_config": _with_4x_spelling(out["vision_config"])})
     elif fmt == "llava":
         if cfg.vision is None:
-            raise ConfigError("a text-only model cannot be written as LLaVA; use --format llama")
+            raise ConfigError("a text-only model cannot be written as LLaVA; use `fmt` llama")
         select = {v: k for k, v in LLAVA_SELECT_FEATURE.items()}[cfg.vision_feature_select_strategy]
         out = {**text_to_hf(cfg.text, dtype), "architectures": ["LlavaLlamaForCausalLM"],
                "model_type": "llava_llama", "mm_projector_type": cfg.projector_type,

@@ -24,6 +24,7 @@ from xllava_jax import checkpoint as ckpt
 from xllava_jax.config import ConfigError, ModelConfig
 from xllava_jax.convert import formats, hf
 from xllava_jax.convert.prompt import write_chat_template
+from xllava_jax.errors import UserError
 from xllava_jax.models.ops import target_platform
 from xllava_jax.models.scan import per_layer_params, restack
 from xllava_jax.models.vision import VisionTower
@@ -33,7 +34,7 @@ Sharding = Callable[[tuple, tuple], Any]
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A checkpoint that does not fit: missing, unexpected or mis-shaped tensors, unreadable files."""
 
 
@@ -52,7 +53,7 @@ def weight_files(src: Path, allow_bin: bool = False) -> list[Path]:
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if single.endswith(".bin") and not allow_bin:
             if (src / single).exists() or (src / index_name).exists():
-                raise ConversionError(f"{src}: holds only PyTorch .bin weights; pass --allow-bin to read them "
+                raise ConversionError(f"{src}: holds only PyTorch .bin weights; pass `allow_bin`=True to read them "
                                       "(loaded with torch.load(weights_only=True))")
             continue
         if (src / index_name).exists():
@@ -322,18 +323,18 @@ def save_hf(model: nnx.Module, out: str | Path, layout: str, *, source: dict[str
     fmt = hf.FORMAT_OF[layout]
     if isinstance(model, VisionTower):
         if fmt != "clip":
-            raise ConversionError(f"a vision tower can only be written as --format clip, not {fmt}")
+            raise ConversionError(f"a vision tower can only be written as `fmt` clip, not {fmt}")
         config = formats.vision_to_hf(cfg, str(np.dtype(model.patch_embedding.dtype)))
     else:
         if fmt == "clip":
             if cfg.vision is None:
-                raise ConversionError("this model has no vision tower to write as --format clip")
+                raise ConversionError("this model has no vision tower to write as `fmt` clip")
             return save_hf(model.vision_tower, out, fmt, source=vision_source, tokenizer_dir=None,
                            max_shard_bytes=max_shard_bytes, progress=progress)
         try:
             config = formats.model_config_to_hf(cfg, fmt, source, transformers4=layout in ("hf4", "hf4_52"))
         except ConfigError as e:
-            raise ConversionError(f"cannot write --format {fmt}: {e}") from None
+            raise ConversionError(f"cannot write `fmt` {fmt}: {e}") from None
     if fmt == "llava":
         config["mm_vision_tower"] = vision_name or "vision_tower"
     out.mkdir(parents=True, exist_ok=True)

@@ -21,8 +21,9 @@ import json
 import re
 from dataclasses import dataclass
 
-from xllava_jax.data.tokenizer import Tokenizer
-from xllava_jax.models.loss import IGNORE_INDEX
+from xllava_jax.constants import IGNORE_INDEX
+from xllava_jax.errors import UserError
+from xllava_jax.tokenizer.runtime import Tokenizer
 
 IMAGE = "<image>"
 TEMPLATES = ("plain", "llava_llama_2", "vicuna_v1")
@@ -34,7 +35,7 @@ VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence a
 DEFAULT_SYSTEM = {"llava_llama_2": LLAMA2_SYSTEM, "vicuna_v1": VICUNA_SYSTEM, "plain": ""}
 
 
-class ConversationError(ValueError):
+class ConversationError(UserError):
     """A conversation that the template cannot render."""
 
 
@@ -163,6 +164,15 @@ def encode(pieces: list[Piece], tokenizer: Tokenizer, *, num_image_tokens: int, 
     if mode == "llava":
         return _encode_llava(pieces, tokenizer, num_image_tokens, image_token_id)
     raise ConversationError(f"unknown tokenisation mode {mode!r}; choose one of {MODES}")
+
+
+def encode_turns(template: str, turns: list[tuple[str, str]], tokenizer: Tokenizer, *, num_image_tokens: int,
+                 image_token_id: int, mode: str = "clean", system: str | None = None,
+                 generation: bool = False) -> Encoded:
+    """`render` then `encode`: the ids and labels of `turns` under `template` (system None: the template's
+    own); generation=True gives a prompt that ends where the model starts answering."""
+    pieces = render(template, turns, system=system, generation=generation)
+    return encode(pieces, tokenizer, num_image_tokens=num_image_tokens, image_token_id=image_token_id, mode=mode)
 
 
 def _encode_clean(pieces, tok: Tokenizer, num_image_tokens: int, image_token_id: int) -> Encoded:

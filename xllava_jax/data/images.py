@@ -24,6 +24,8 @@ import struct
 import numpy as np
 from PIL import Image, ImageOps
 
+from xllava_jax.errors import UserError
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ASPECT_MODES = ("pad", "crop", "resize")
@@ -34,7 +36,7 @@ ImageSource = Image.Image | bytes | bytearray | memoryview | str | os.PathLike
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """An image that cannot be used; the message is one line: `<file>: <problem>`."""
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from xllava_jax.models.loss import IGNORE_INDEX
+from xllava_jax.constants import IGNORE_INDEX
 
 MIN_TEXT_TOKENS = 64  # text assumed next to each image when sizing the default slots: template, question, answer
 

@@ -24,18 +24,19 @@ from pathlib import Path
 import grain
 import numpy as np
 
+from xllava_jax.constants import IGNORE_INDEX
 from xllava_jax.data import conversation as conv
 from xllava_jax.data.images import ImageConfig, ImageError, preprocess
 from xllava_jax.data.packing import PackVif, default_images_per_row
-from xllava_jax.data.tokenizer import tokenizer_for
 from xllava_jax.data.vif import Problem, image_problem, read_corpus, resolve_image
-from xllava_jax.models.loss import IGNORE_INDEX
+from xllava_jax.errors import UserError
+from xllava_jax.tokenizer.runtime import tokenizer_for
 
 log = logging.getLogger("xllava.data")
 OVERFLOW = ("truncate", "drop")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad data met in strict mode, or a pipeline that cannot be built."""
 
 
@@ -83,9 +84,9 @@ class VifSpec:
 
 def encode_record(record: dict, spec: VifSpec) -> conv.Encoded:
     """Render and tokenise one record (`turns` as (role, text) pairs) under the spec's template."""
-    pieces = conv.render(spec.template, [tuple(t) for t in record["turns"]], system=spec.system)
-    return conv.encode(pieces, tokenizer_for(spec.tokenizer), num_image_tokens=spec.num_image_tokens,
-                       image_token_id=spec.image_token_id, mode=spec.mode)
+    return conv.encode_turns(spec.template, [tuple(t) for t in record["turns"]], tokenizer_for(spec.tokenizer),
+                             num_image_tokens=spec.num_image_tokens, image_token_id=spec.image_token_id,
+                             mode=spec.mode, system=spec.system)
 
 
 def fit_length(ids: list[int], labels: list[int], spec: VifSpec) -> tuple[list[int], list[int], str | None]:

@@ -26,11 +26,8 @@ Held-out scenes are compositions that no training image shows.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -52,11 +49,12 @@ from xllava_jax.data.synth_scenes import (
     sample_scene,
     scene_graph,
 )
+from xllava_jax.errors import UserError
 
 TASKS = ("object", "location", "atmosphere", "conversation")
 
 
-class SynthError(ValueError):
+class SynthError(UserError):
     """Settings or an output directory that `synthesize` cannot use."""
 
 
@@ -211,7 +209,7 @@ def _prepare(out: Path, overwrite: bool) -> None:
         raise SynthError(f"{out} exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise SynthError(f"{out} is not empty; pass --overwrite to write over an earlier corpus")
+            raise SynthError(f"{out} is not empty; pass `overwrite`=True to write over an earlier corpus")
         for old in [*out.glob("images/train_*.png"), *out.glob("images/heldout_*.png")]:
             old.unlink()
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -319,53 +317,3 @@ def synthesize(out_dir: str | Path, *, seed: int = 0, num_images: int = 3000, nu
     (out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return summary
 
-
-EXAMPLES = """examples:
-  xllava data synth --out data/synth
-  xllava data synth --out data/synth48 --image-size 48    # one 16-pixel patch per grid cell
-  xllava data synth --out data/easy --single-share 0.8 --max-objects 2 --seed 1
-  xllava data synth --out /tmp/tiny --num-images 40 --num-heldout 10 --text-lines 50
-"""
-
-
-def add_synth_parser(subparsers) -> argparse.ArgumentParser:
-    """Add `synth` to the `xllava data` subcommands; run it with `run_synth(args)`."""
-    parser = subparsers.add_parser(
-        "synth", help="make a synthetic bilingual corpus (no downloads)", epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Draw images of coloured shapes and write, from their scene graphs, parallel English /\n"
-                    "Korean / Chinese visual-instruction records (object, location, atmosphere, conversation),\n"
-                    "stage-1 captions, a held-out VQA split with gold answers (English, Korean), English + Korean\n"
-                    "pretraining text and summary.json. The same settings give the same files byte for byte.")
-    parser.add_argument("--out", required=True, help="output directory (created; must be empty unless --overwrite)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--num-images", type=int, default=3000, help="training images (default 3000)")
-    parser.add_argument("--num-heldout", type=int, default=300, help="held-out VQA images (default 300)")
-    parser.add_argument("--image-size", type=int, default=64, help="image side in pixels, 24..1024 (default 64)")
-    parser.add_argument("--max-objects", type=int, default=4, help=f"objects per image, 1..{MAX_OBJECTS} (default 4)")
-    parser.add_argument("--single-share", type=float, default=0.4,
-                        help="share of single-object training images, a curriculum for small models (default 0.4)")
-    parser.add_argument("--label-share", type=float, default=0.3,
-                        help="chance that a large object carries a letter or digit (default 0.3)")
-    parser.add_argument("--text-lines", type=int, default=4000,
-                        help="documents per pretraining text file (default 4000)")
-    parser.add_argument("--overwrite", action="store_true", help="write over an earlier corpus in --out")
-    return parser
-
-
-def run_synth(args: argparse.Namespace) -> int:
-    """Run `xllava data synth`; 0 on success, 2 (one error line on stderr) on bad settings or output."""
-    start = time.perf_counter()
-    try:
-        summary = synthesize(args.out, seed=args.seed, num_images=args.num_images, num_heldout=args.num_heldout,
-                             image_size=args.image_size, max_objects=args.max_objects, single_share=args.single_share,
-                             label_share=args.label_share, text_lines=args.text_lines, overwrite=args.overwrite,
-                             progress=True)
-    except SynthError as e:
-        print(f"xllava: error: {e}", file=sys.stderr)
-        return 2
-    files = summary["files"]
-    print(f"wrote {args.out} in {time.perf_counter() - start:.1f}s: {files['images']} images, "
-          f"{files['vif_mixed.json']} VIF records, {files['captions_en.json']} captions per language, "
-          f"{files['vqa_heldout_en.jsonl']} held-out questions per language")
-    return 0

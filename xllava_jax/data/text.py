@@ -19,11 +19,12 @@ import grain
 import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset
 
-from xllava_jax.data.tokenizer import tokenizer_for
-from xllava_jax.models.loss import IGNORE_INDEX
+from xllava_jax.constants import IGNORE_INDEX
+from xllava_jax.errors import UserError
+from xllava_jax.tokenizer.runtime import tokenizer_for
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError):
     """A pretraining corpus that cannot be read."""
 
 

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from xllava_jax.errors import UserError
+
 IMAGE_TAG = "<image>"
 ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
@@ -44,7 +46,7 @@ class Problem:
         return f"{self.file}:{self.where}{ident}: {self.reason}"
 
 
-class PathEscapeError(ValueError):
+class PathEscapeError(UserError):
     """An image path that leaves its declared root."""
 
 

@@ -7,6 +7,7 @@ import json
 import sys
 
 from xllava_jax.datagen.prompts import TASKS
+from xllava_jax.errors import SettingFlags
 
 EXAMPLES = """examples:
   export OPENAI_API_KEY=...
@@ -22,6 +23,13 @@ EXAMPLES = """examples:
 Rerunning the same run or translate command resumes where it stopped.
 """
 EXIT_BUDGET = 3
+# The settings of GenerateSettings / TranslateSettings that library messages name.
+_ENDPOINT_FLAGS = {"out": "--out", "max_attempts": "--max-attempts", "concurrency": "--concurrency"}
+RUN_FLAGS = SettingFlags({"vg": "--vg", "images": "--images", "objects": "--objects", "max_images": "--max-images",
+                          **_ENDPOINT_FLAGS})
+TRANSLATE_FLAGS = SettingFlags({"src": "--src", "target": "--target", "source_lang": "--source-lang",
+                                "max_records": "--max-records", **_ENDPOINT_FLAGS})
+OUT_FLAGS = SettingFlags({"out": "--out"})
 
 
 def _client_options(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -89,7 +97,7 @@ def add_datagen_parser(subparsers) -> None:
                      help="reject replies with proper nouns absent from the object list (default: flag them)")
     run.add_argument("--review", choices=("csv", "html"), help="also write OUT/review.csv or OUT/review.html")
     _client_options(run, 0.7)
-    run.set_defaults(run=run_generate)
+    run.set_defaults(run=run_generate, flags=RUN_FLAGS)
 
     review = _step(
         steps, "review", "export accepted records for human review, or import pass/error labels",
@@ -100,7 +108,7 @@ def add_datagen_parser(subparsers) -> None:
     review.add_argument("--format", default="csv", choices=("csv", "html"), help="(default: csv)")
     review.add_argument("--inline-images", action="store_true", help="html: embed the images as data URLs")
     review.add_argument("--import", dest="import_file", help="CSV of labels to apply (e.g. the edited review.csv)")
-    review.set_defaults(run=run_review)
+    review.set_defaults(run=run_review, flags=OUT_FLAGS)
 
     tr = _step(
         steps, "translate", "machine-translate a LLaVA-format dataset",
@@ -114,13 +122,13 @@ def add_datagen_parser(subparsers) -> None:
     tr.add_argument("--min-script-share", type=float, default=0.5,
                     help="share of the translation's letters that must be in the target script (default 0.5)")
     _client_options(tr, 0.2)
-    tr.set_defaults(run=run_translate)
+    tr.set_defaults(run=run_translate, flags=TRANSLATE_FLAGS)
 
     tpl = _step(steps, "templates", "copy the packaged prompt templates for editing",
                 "Copy the prompt templates, seed examples and tasks.json to a new folder; pass it to run or "
                 "translate with --templates.")
     tpl.add_argument("--out", required=True, help="new folder for the copy")
-    tpl.set_defaults(run=run_templates)
+    tpl.set_defaults(run=run_templates, flags=OUT_FLAGS)
 
 
 def _names(value: str) -> tuple[str, ...]:

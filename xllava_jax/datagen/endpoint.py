@@ -42,7 +42,7 @@ class EndpointSettings:
     def check_counts(self) -> None:
         """Raise DatagenError when `max_attempts` or `concurrency` is below 1."""
         if self.max_attempts < 1 or self.concurrency < 1:
-            raise DatagenError("--max-attempts and --concurrency must be >= 1")
+            raise DatagenError("`max_attempts` and `concurrency` must be >= 1")
 
 
 class RequestRun:

@@ -41,7 +41,7 @@ def read_run(out_dir: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise DatagenError(f"{path}: not found; is {out_dir} the --out of `xllava datagen run`?") from None
+        raise DatagenError(f"{path}: not found; is {out_dir} the `out` of `xllava datagen run`?") from None
     except (OSError, ValueError) as e:
         raise DatagenError(f"{path}: cannot read ({e})") from None
 

@@ -59,7 +59,7 @@ def _say(message: str) -> None:
 def _check(settings: GenerateSettings) -> None:
     """Settings a user can get wrong, each reported in one line."""
     if bool(settings.vg) == bool(settings.images) or bool(settings.images) != bool(settings.objects):
-        raise DatagenError("give either --vg DIR or both --images DIR and --objects FILE")
+        raise DatagenError("give either `vg` DIR or both `images` DIR and `objects` FILE")
     unknown = [t for t in settings.tasks if t not in TASKS]
     if unknown or not settings.tasks:
         raise DatagenError(f"tasks {','.join(unknown) or '(none)'}: choose from {','.join(TASKS)}")
@@ -69,7 +69,7 @@ def _check(settings: GenerateSettings) -> None:
         raise DatagenError(str(e)) from None
     settings.check_counts()
     if settings.max_images is not None and settings.max_images < 1:
-        raise DatagenError(f"--max-images {settings.max_images}: must be >= 1")
+        raise DatagenError(f"`max_images` {settings.max_images}: must be >= 1")
 
 
 def _select(settings: GenerateSettings) -> tuple[Path, list[ImageItem], int]:
@@ -97,7 +97,7 @@ def _check_folder(settings: GenerateSettings) -> None:
         for name, value in settings.identity().items():
             if before.get(name) != value:
                 raise DatagenError(f"{out / ex.RUN_FILE}: this folder was started with {name}={before.get(name)!r}, "
-                                   f"now {value!r}; use the same settings or a new --out")
+                                   f"now {value!r}; use the same settings or a new `out`")
 
 
 def _start_folder(settings: GenerateSettings, root: Path, selection: list[ImageItem], problems: int) -> None:

@@ -190,7 +190,7 @@ def translate(settings: TranslateSettings) -> Finished:
         raise DatagenError(str(e)) from None
     settings.check_counts()
     if settings.max_records is not None and settings.max_records < 1:
-        raise DatagenError(f"--max-records {settings.max_records}: must be >= 1")
+        raise DatagenError(f"`max_records` {settings.max_records}: must be >= 1")
     jobs, problems = _jobs(settings)
     if not jobs:
         why = f"{len(problems)} unusable, the first: {problems[0]}" if problems else "no records"
@@ -206,8 +206,8 @@ def translate(settings: TranslateSettings) -> Finished:
     run_file = out / ex.RUN_FILE
     before = ex.read_run(out).get("identity") if run_file.is_file() else identity
     if before != identity:
-        raise DatagenError(f"{run_file}: this folder was started with {before}; use the same --src, --source-lang "
-                           "and --target or a new --out")
+        raise DatagenError(f"{run_file}: this folder was started with {before}; use the same `src`, `source_lang` "
+                           "and `target` or a new `out`")
     ex.write_json(run_file, {"identity": identity, "model": settings.model, "api_base": settings.api_base})
     requests = RequestRun(settings)
     todo = [Job(j.key, j.record, j.parts, attempt) for j in jobs

@@ -22,6 +22,7 @@ vocabulary expansion, the LLM pretraining or the generated four-task data, as th
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -45,6 +46,7 @@ STAGE_STEPS = {"llm_pretrain": "pretrain_steps", "align": "align_steps", "vif_at
 # The curriculum's short-question stages: the question kinds of vif_short_{en,ko}.json each one trains on.
 SHORT_STAGES = {"vif_attributes": ("colour", "binding_shape", "shape"),
                 "vif_positions": ("colour", "binding_shape", "shape", "position", "binding_position", "yes_no")}
+SHORT_LAST = "vif_positions"  # its kinds include every other short stage's
 
 
 class DemoError(UserError):
@@ -115,6 +117,7 @@ class Demo:
         self.expanded_tok = self.out / "shared" / "tokenizer_expanded"
         self.vision = self.out / "shared" / "vision_tower"
         self.timings: dict[str, float] = {}
+        self.matmul_gflops: float | None = None
 
     # ------------------------------------------------------------------------------ shared steps
     def timed(self, name: str, work: Callable[[], object]) -> None:
@@ -250,24 +253,23 @@ class Demo:
                 config = f"{CONFIGS / 'vif'}.py:demo_short"
             overrides += [f"data.corpus={self._vif_corpus(variant, stage)}", f"data.image_root={d}"]
         cfg = apply_overrides(load_config(config), overrides)
-        if stage in SHORT_STAGES:  # room for the longest sample under this variant's tokenizer
-            longest = self._longest_sample(cfg)
-            if longest > cfg.data.max_len:
-                cfg = apply_overrides(cfg, [f"data.max_len={-(-longest // 16) * 16}"])
+        if stage in SHORT_STAGES:
+            # Rows as long as the longest short question under this variant's tokenizer (the last short stage's
+            # corpus holds every kind), the same for both stages: one compiled step serves them.
+            widest = apply_overrides(copy.deepcopy(cfg), [f"data.corpus={self._vif_corpus(variant, SHORT_LAST)}"])
+            cfg = apply_overrides(cfg, [f"data.max_len={-(-self._longest_sample(widest) // 4) * 4}"])
         return cfg
 
     @staticmethod
     def _longest_sample(cfg) -> int:
         """Tokens in the longest record of `cfg`'s corpus as the trainer encodes it (image slots included)."""
-        from xllava_jax.data.pipeline import VifSpec, encode_record, load_records
-        from xllava_jax.train.setup import tokenizer_path
-        from xllava_jax.train.trainer import system_prompt
+        from xllava_jax.data.pipeline import encode_record, load_records
+        from xllava_jax.train.data import vif_spec
+        from xllava_jax.train.stage_config import StageConfig
 
-        model = ModelConfig.demo()
-        spec = VifSpec(tokenizer=tokenizer_path(cfg), num_image_tokens=model.num_image_tokens,
-                       image_token_id=model.image_token_id, template=cfg.data.template, mode=cfg.data.mode,
-                       system=system_prompt(cfg), max_len=10**9)
-        records, _ = load_records(cfg.data.corpus.split(","))
+        config = StageConfig.from_config_dict(cfg)
+        spec = dataclasses.replace(vif_spec(config.data, ModelConfig.demo(), config.tokenizer_path()), max_len=10**9)
+        records, _ = load_records(list(config.data.corpus))
         return max(len(encode_record(r, spec).input_ids) for r in records)
 
     def _vif_corpus(self, variant: Variant, stage: str) -> Path:
@@ -357,9 +359,14 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, *, ablation:
     """Run every step (skipping those finished with these settings, redoing those made with others) and write the
     report; returns {"report": path, "results": {variant name: result}, "timings": {step: seconds}}."""
     from xllava_jax.demo.report import write_ablation, write_report
+    from xllava_jax.train.flops import matmul_peak_flops
 
+    started = time.perf_counter()
     demo = Demo(out, settings or DemoSettings(), log)
     demo.out.mkdir(parents=True, exist_ok=True)
+    # The yardstick the demo's time is quoted against (README): XLA's float32 matmul rate here.
+    demo.matmul_gflops = round(matmul_peak_flops() / 1e9, 1)
+    log(f"XLA float32 matmul here: {demo.matmul_gflops} GFLOP/s")
     demo.timed("synth", demo.synth)
     demo.timed("tokenizers", demo.tokenizers)
     demo.timed("vision", demo.vision_tower)
@@ -373,7 +380,9 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, *, ablation:
                                  "dir": _slug(variant), "variant": dataclasses.asdict(variant)}
         demo.timings[f"eval: {variant.name}"] = round(time.perf_counter() - start, 1)
     log("8/8 report")
+    demo.timings["total"] = round(time.perf_counter() - started, 1)
     report = write_report(demo, results[FULL.name])
     if ablation:
         write_ablation(demo, results)
-    return {"report": str(report), "results": results, "timings": demo.timings}
+    log(f"demo took {demo.timings['total'] / 60:.1f} min at {demo.matmul_gflops} GFLOP/s (XLA float32 matmul)")
+    return {"report": str(report), "results": results, "timings": demo.timings, "matmul_gflops": demo.matmul_gflops}

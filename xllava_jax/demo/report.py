@@ -204,7 +204,8 @@ def write_report(demo: Demo, result: dict) -> Path:
         lines += [f"![{name}]({name})", "", "| language | question | gold | model |", "|---|---|---|---|"]
         lines += [f"| {a['lang']} | {_question(a)} | {a['answer']} | {a['text']} |" for a in ex["answers"]]
         lines.append("")
-    lines += ["## Step timings (seconds)", "", *[f"- {k}: {v}" for k, v in demo.timings.items()], ""]
+    lines += ["## Step timings (seconds)", "", f"XLA float32 matmul rate of this machine: {demo.matmul_gflops} GFLOP/s",
+              "", *[f"- {k}: {v}" for k, v in demo.timings.items()], ""]
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

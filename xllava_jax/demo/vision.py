@@ -17,7 +17,7 @@ from xllava_jax.config import VisionConfig
 from xllava_jax.data import synth_phrases as ph
 from xllava_jax.data.images import ImageConfig, preprocess
 from xllava_jax.data.synth_scenes import RGB, Obj, Scene
-from xllava_jax.data.tokenizer import Tokenizer
+from xllava_jax.tokenizer.runtime import Tokenizer
 from xllava_jax.train.contrastive import ContrastiveConfig, pretrain_vision_tower
 
 

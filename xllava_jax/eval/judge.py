@@ -13,7 +13,6 @@ same rules in Korean.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from dataclasses import asdict
@@ -23,9 +22,9 @@ from xllava_jax.api.client import ChatClient
 from xllava_jax.errors import UserError
 from xllava_jax.eval.judging import (
     CallFailed,
+    JudgeSettings,
     by_question_id,
     image_for,
-    judge_client,
     read_jsonl,
     run_parallel,
     warn_unjudged,
@@ -144,32 +143,32 @@ def relative_scores(pairs: list[tuple[float, float]]) -> dict:
             "answer_mean": round(ours, 3), "count": len(pairs)}
 
 
-def score_llava_bench(args: argparse.Namespace) -> dict:
-    """Judge every question answered in `args.answers` against the reference answers (`args.annotations[0]`)
-    and return the metrics: overall relative score as `accuracy`, `per_category`, raw means, `failed`."""
-    lang = BENCHMARK_LANG.get(args.benchmark)
+def score_llava_bench(benchmark: str, questions_path: str | Path, references_path: str | Path,
+                      answers_path: str | Path, judge_settings: JudgeSettings, *, context_path: str | None = None,
+                      image_root: str | Path | None = None, concurrency: int = 4,
+                      out: str | Path | None = None) -> dict:
+    """Judge every question answered in `answers_path` against the reference answers (`references_path`) and
+    return the metrics: overall relative score as `accuracy`, `per_category`, raw means, `failed`. With `out`,
+    the reviews go to OUT's stem + `_reviews.jsonl` beside it."""
+    lang = BENCHMARK_LANG.get(benchmark)
     if lang is None:
-        raise UserError(f"--benchmark {args.benchmark}: the LLM judge scores only {', '.join(BENCHMARK_LANG)}")
-    if not args.questions or not args.annotations:
-        raise UserError(f"--benchmark {args.benchmark} needs --questions (questions.jsonl) and --annotations "
-                        "(the reference answers jsonl)")
-    context = _contexts(getattr(args, "context", None))
-    image_root = getattr(args, "image_root", None)
+        raise UserError(f"`benchmark` {benchmark}: the LLM judge scores only {', '.join(BENCHMARK_LANG)}")
+    context = _contexts(context_path)
     if not context and not image_root:
-        raise UserError(f"--benchmark {args.benchmark}: give the judge --context (captions) or --image-root "
+        raise UserError(f"`benchmark` {benchmark}: give the judge `context` (captions) or `image_root` "
                         "(images); it cannot judge answers about an image it knows nothing of")
-    questions = by_question_id(args.questions, "questions")
-    references = by_question_id(args.annotations[0], "reference answers")
-    answers = by_question_id(args.answers, "answers")
+    questions = by_question_id(questions_path, "questions")
+    references = by_question_id(references_path, "reference answers")
+    answers = by_question_id(answers_path, "answers")
     missing_answers = [q for q in questions if q not in answers]
     missing_references = [q for q in questions if q not in references]
     todo = [q for q in questions if q in answers and q in references]
     if not todo:
-        raise UserError(f"{args.answers}: no question of {args.questions} has both an answer and a reference")
+        raise UserError(f"{answers_path}: no question of {questions_path} has both an answer and a reference")
     uncaptioned = [q for q in todo if context and questions[q].get("image") not in context]
     if uncaptioned:
-        raise UserError(f"{args.context}: no caption for the image of question(s) {', '.join(uncaptioned[:10])}")
-    client = judge_client(args, getattr(args, "judge_model", None) or "gpt-4-0613")
+        raise UserError(f"{context_path}: no caption for the image of question(s) {', '.join(uncaptioned[:10])}")
+    client = judge_settings.client()
 
     def review(qid: str, scores: tuple[float, float] | None, content: str, error: str | None) -> dict:
         """One line of the reviews file (LLaVA's layout, plus `failed` and `error`)."""
@@ -183,31 +182,30 @@ def score_llava_bench(args: argparse.Namespace) -> dict:
         caption = context.get(q.get("image"))
         text = review_prompt(lang, q["text"], references[qid]["text"], answers[qid]["text"], caption,
                              bool(image_root))
-        content = [image_for(q, image_root, args.questions)] if image_root else []
+        content = [image_for(q, image_root, questions_path)] if image_root else []
         scores, reply = review_one(client, lang, [*content, {"type": "text", "text": text}])
         return review(qid, scores, reply, None if scores else UNPARSEABLE)
 
-    concurrency = getattr(args, "concurrency", None)
-    results = run_parallel(judge, todo, 4 if concurrency is None else concurrency, f"judging {args.benchmark}")
+    results = run_parallel(judge, todo, concurrency, f"judging {benchmark}")
     reviews = [review(qid, None, "", r.reason) if isinstance(r, CallFailed) else r for qid, r in zip(todo, results)]
     judged = [r for r in reviews if not r["failed"]]
     failed = [r for r in reviews if r["failed"]]
-    if getattr(args, "out", None):
-        path = Path(args.out).with_name(Path(args.out).stem + "_reviews.jsonl")
+    if out:
+        path = Path(out).with_name(Path(out).stem + "_reviews.jsonl")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in reviews), encoding="utf-8")
     warn_unjudged("with no answer", missing_answers)
     warn_unjudged("with no reference answer", missing_references)
     warn_unjudged("whose judging failed", [r["question_id"] for r in failed], failed[0]["error"] if failed else None)
     if not judged:
-        raise UserError(f"{args.answers}: no question could be judged ({len(reviews)} tried); the first failure: "
+        raise UserError(f"{answers_path}: no question could be judged ({len(reviews)} tried); the first failure: "
                         f"{failed[0]['error']}")
     overall = relative_scores([tuple(r["tuple"]) for r in judged])
     categories = sorted({r["category"] for r in judged})
     per_category = {c: relative_scores([tuple(r["tuple"]) for r in judged if r["category"] == c])
                     for c in categories}
     model_ids = sorted({str(a["model_id"]) for a in answers.values() if a.get("model_id")})
-    return {"benchmark": args.benchmark, "rules": "llava", "questions": len(questions), "judged": len(judged),
+    return {"benchmark": benchmark, "rules": "llava", "questions": len(questions), "judged": len(judged),
             "accuracy": overall["relative"], "reference_mean": overall["reference_mean"],
             "answer_mean": overall["answer_mean"], "per_category": per_category,
             "judge_model": client.model, "model_id": model_ids[0] if len(model_ids) == 1 else model_ids or None,

@@ -1,11 +1,10 @@
 """What the LLM-judged evaluations share: strict JSONL reading, matching lines by question id, the judge
-client built from command-line settings (endpoint, timeout, retries), images as data URLs, and a bounded thread
+client built from its settings (endpoint, timeout, retries), images as data URLs, and a bounded thread
 pool with a progress bar in which a judge call that fails for good marks its item failed instead of ending the run.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import threading
@@ -92,29 +91,29 @@ def image_for(question: dict, image_root: str | Path, where: str) -> dict:
     return image_part(path)
 
 
-def add_endpoint_options(group: argparse._ActionsContainer) -> None:
-    """The judge request flags every LLM-judged command takes: `--timeout`, `--max-retries`, `--backoff`."""
-    group.add_argument("--timeout", type=float, default=60.0, help="seconds per judge request attempt (default 60)")
-    group.add_argument("--max-retries", type=int, default=6,
-                       help="retries of a judge request on 429, 5xx, malformed replies and timeouts (default 6)")
-    group.add_argument("--backoff", type=float, default=1.0,
-                       help="first retry delay in seconds, doubled per retry; 429 Retry-After wins (default 1)")
+@dataclass(frozen=True)
+class JudgeSettings:
+    """Where and how to ask the judge: the endpoint (`api_base`), the judge `model`, the environment variable
+    holding the API key, the reply cache, and the per-request `timeout`, `max_retries` and `backoff`."""
 
+    api_base: str | None
+    model: str
+    api_key_env: str | None = None
+    cache_dir: str | None = None
+    timeout: float = 60.0
+    max_retries: int = 6
+    backoff: float = 1.0
 
-def judge_client(args: argparse.Namespace, model: str) -> ChatClient:
-    """The judge's ChatClient from `--api-base`, `--api-key-env`, `--cache-dir`, `--timeout`, `--max-retries` and
-    `--backoff` (any of which but the first may be absent)."""
-    api_base = getattr(args, "api_base", None)
-    if not api_base:
-        raise UserError("--api-base is required for an LLM-judged evaluation (e.g. https://api.openai.com/v1)")
-    timeout, retries, backoff = (getattr(args, "timeout", 60.0), getattr(args, "max_retries", 6),
-                                 getattr(args, "backoff", 1.0))
-    if timeout <= 0 or retries < 0 or backoff < 0:
-        raise UserError(f"--timeout must be > 0, --max-retries and --backoff >= 0 (got {timeout:g}, {retries}, "
-                        f"{backoff:g})")
-    return ChatClient(api_base, model, api_key_env=getattr(args, "api_key_env", None) or "OPENAI_API_KEY",
-                      cache_dir=getattr(args, "cache_dir", None) or DEFAULT_CACHE_DIR, timeout_s=timeout,
-                      max_retries=retries, backoff_s=backoff)
+    def client(self) -> ChatClient:
+        """The judge's ChatClient; UserError when the endpoint is missing or a request setting is out of range."""
+        if not self.api_base:
+            raise UserError("`api_base` is required for an LLM-judged evaluation (e.g. https://api.openai.com/v1)")
+        if self.timeout <= 0 or self.max_retries < 0 or self.backoff < 0:
+            raise UserError(f"`timeout` must be > 0, `max_retries` and `backoff` >= 0 (got {self.timeout:g}, "
+                            f"{self.max_retries}, {self.backoff:g})")
+        return ChatClient(self.api_base, self.model, api_key_env=self.api_key_env or "OPENAI_API_KEY",
+                          cache_dir=self.cache_dir or DEFAULT_CACHE_DIR, timeout_s=self.timeout,
+                          max_retries=self.max_retries, backoff_s=self.backoff)
 
 
 def run_parallel(fn: Callable[[T], R], items: Sequence[T], concurrency: int, desc: str) -> list[R | CallFailed]:
@@ -123,7 +122,7 @@ def run_parallel(fn: Callable[[T], R], items: Sequence[T], concurrency: int, des
     calls in a row have failed, the calls not yet started are not made (CallFailed too), so a dead endpoint is
     given up in seconds. Any other exception stops the run."""
     if concurrency < 1:
-        raise UserError(f"--concurrency must be at least 1, got {concurrency}")
+        raise UserError(f"`concurrency` must be at least 1, got {concurrency}")
     lock = threading.Lock()
     in_a_row, given_up = 0, ""
 

@@ -14,8 +14,6 @@ rows), so one program is compiled per (batch size, seq_len).
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -30,16 +28,11 @@ from tqdm import tqdm
 from xllava_jax.errors import UserError
 from xllava_jax.infer.engine import Engine
 
-EXAMPLES = """examples:
-  xllava eval perplexity --ckpt runs/llm_pretrain/final --text heldout_en.txt heldout_ko.txt
-  xllava eval perplexity --ckpt ckpt/xllava --text wiki_ko.txt --seq-len 1024 --batch-size 4 --out ppl.json
-"""
-
 
 def windows(documents: list[list[int]], bos_id: int, seq_len: int) -> list[list[int]]:
     """`[bos] + chunk` for every chunk of `seq_len - 1` tokens of every document (see the module docstring)."""
     if seq_len < 2:
-        raise UserError(f"--seq-len must be at least 2, got {seq_len}")
+        raise UserError(f"`seq_len` must be at least 2, got {seq_len}")
     step = seq_len - 1
     return [[bos_id, *doc[i:i + step]] for doc in documents for i in range(0, len(doc), step)]
 
@@ -59,9 +52,9 @@ class Scorer:
 
     def __init__(self, engine: Engine, seq_len: int = 512, batch_size: int = 8):
         if batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+            raise UserError(f"`batch_size` must be at least 1, got {batch_size}")
         if seq_len > engine.max_context:
-            raise UserError(f"--seq-len {seq_len} exceeds the model's context of {engine.max_context}")
+            raise UserError(f"`seq_len` {seq_len} exceeds the model's context of {engine.max_context}")
         self.engine, self.seq_len, self.batch_size = engine, seq_len, batch_size
         graphdef, self.state = engine.generator.graphdef, engine.generator.state
         self._nll = jax.jit(lambda state, ids, mask: _window_nll(graphdef, state, ids, mask))
@@ -101,31 +94,3 @@ def score_file(scorer: Scorer, path: str | Path) -> dict[str, Any]:
     chars = sum(map(len, docs))
     return {"documents": len(docs), "tokens": count, "characters": chars, "nll_per_token": nll / count,
             "perplexity": math.exp(nll / count), "bits_per_character": nll / math.log(2) / chars}
-
-
-def run_command(args: argparse.Namespace) -> None:
-    """The `eval perplexity` handler: per-file figures, one JSON object on the last stdout line."""
-    engine = Engine.load(args.ckpt, tokenizer=args.tokenizer)
-    scorer = Scorer(engine, args.seq_len, args.batch_size)
-    files = {str(path): score_file(scorer, path) for path in args.text}
-    result = {"benchmark": "perplexity", "model_id": engine.model_id, "seq_len": args.seq_len, "files": files}
-    text = json.dumps(result, ensure_ascii=False)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
-    print(text)
-
-
-def add_perplexity_parser(steps) -> None:
-    """Add `eval perplexity` to the eval subcommands."""
-    p = steps.add_parser("perplexity", help="NLL per token, perplexity and bits per character of text files",
-                         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-                         description="Score text files (one document per line, each starting with bos; "
-                                     "windows of --seq-len without overlap). Prints one JSON object.")
-    p.add_argument("--ckpt", required=True, help="our checkpoint or a Hugging Face directory")
-    p.add_argument("--text", required=True, nargs="+", help="UTF-8 text file(s), one document per line")
-    p.add_argument("--seq-len", type=int, default=512, help="window length in tokens, bos included (default: 512)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: %(default)s)")
-    p.add_argument("--tokenizer", help="tokenizer.model to use instead of the checkpoint's")
-    p.add_argument("--out", help="also write the JSON to this file")
-    p.set_defaults(run=run_command)

@@ -16,7 +16,6 @@ long answers; Korean words are whitespace-separated as well).
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from collections import Counter
@@ -25,14 +24,10 @@ from pathlib import Path
 
 from xllava_jax.errors import UserError
 from xllava_jax.eval.judging import (
-    DEFAULT_CACHE_DIR,
-    EXIT_SOME_FAILED,
-    EXIT_STATUS_HELP,
     CallFailed,
-    add_endpoint_options,
+    JudgeSettings,
     by_question_id,
     image_for,
-    judge_client,
     run_parallel,
     warn_unjudged,
 )
@@ -57,13 +52,6 @@ PROMPT = """Look at the image and read the question, then compare the two answer
 Which answer is better: more correct about what the image shows, more helpful and more relevant to the \
 question? Length by itself is no merit. Reply with exactly one word: A if Answer A is better, B if Answer B \
 is better, or similar if neither is clearly better."""
-EXAMPLES = """examples:
-  xllava eval preference --questions llava_bench_ko/questions.jsonl --image-root llava_bench_ko/images \\
-      --answers-a xllava.jsonl --answers-b llava15.jsonl --name-a X-LLaVA --name-b LLaVA-1.5 \\
-      --api-base https://api.openai.com/v1 --judge-model gpt-4o --out pref/xllava_vs_llava15
-  xllava eval preference ... --truncate-words 30 --one-order --out pref/30words_paper_protocol
-
-""" + EXIT_STATUS_HELP
 _LABEL = re.compile(r"^(?:(?:final\s+)?(?:verdict|answer|judg(?:e)?ment|choice|output)\s*[:：]\s*)?"
                     r"(?:answer\s+|response\s+|답변\s*)?([ab])"
                     r"(?:\s+is\s+better|\s+better|\s*(?:가|이)\s*더\s*(?:낫습니다|낫다|좋습니다|좋다))?$")
@@ -132,28 +120,31 @@ def _plot(summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
-def run_preference(args: argparse.Namespace) -> int:
+def judge_preference(questions_path: str | Path, answers_a: str | Path, answers_b: str | Path,
+                     judge_settings: JudgeSettings, out: str | Path, *, image_root: str | Path | None = None,
+                     truncate: int | None = None, one_order: bool = False, name_a: str | None = None,
+                     name_b: str | None = None, concurrency: int = 4) -> dict:
     """Judge every question both answer files answer; write judgements.jsonl, preference.json and
-    preference.png under `--out`, and print preference.json as the last stdout line. The exit status is
-    EXIT_SOME_FAILED when some pairs could not be judged, else 0."""
-    if args.truncate_words is not None and args.truncate_words < 1:
-        raise UserError(f"--truncate-words must be at least 1, got {args.truncate_words}")
-    questions = by_question_id(args.questions, "questions")
-    answers = {"A": by_question_id(args.answers_a, "answers"), "B": by_question_id(args.answers_b, "answers")}
+    preference.png under `out` and return the summary (preference.json). `truncate` cuts every answer to its
+    first words; `one_order` judges each pair once, A shown first."""
+    if truncate is not None and truncate < 1:
+        raise UserError(f"`truncate_words` must be at least 1, got {truncate}")
+    questions = by_question_id(questions_path, "questions")
+    answers = {"A": by_question_id(answers_a, "answers"), "B": by_question_id(answers_b, "answers")}
     missing = {side: [q for q in questions if q not in answers[side]] for side in "AB"}
     unknown = sorted({q for side in "AB" for q in answers[side] if q not in questions})
     todo = [q for q in questions if q in answers["A"] and q in answers["B"]]
     if not todo:
-        raise UserError(f"{args.answers_a}, {args.answers_b}: no question of {args.questions} is answered in both")
-    client = judge_client(args, args.judge_model)
-    orders = ("ab",) if args.one_order else ("ab", "ba")
+        raise UserError(f"{answers_a}, {answers_b}: no question of {questions_path} is answered in both")
+    client = judge_settings.client()
+    orders = ("ab",) if one_order else ("ab", "ba")
 
     def judge(task: tuple[str, str]) -> dict:
         qid, order = task
         shown = (answers["A"][qid]["text"], answers["B"][qid]["text"])
-        first, second = (truncate_words(t, args.truncate_words) for t in (shown if order == "ab" else shown[::-1]))
+        first, second = (truncate_words(t, truncate) for t in (shown if order == "ab" else shown[::-1]))
         text = PROMPT.format(question=questions[qid]["text"], first=first, second=second)
-        content = [image_for(questions[qid], args.image_root, args.questions)] if args.image_root else []
+        content = [image_for(questions[qid], image_root, questions_path)] if image_root else []
         messages = [{"role": "system", "content": SYSTEM},
                     {"role": "user", "content": [*content, {"type": "text", "text": text}]}]
         reply = client.chat(messages, temperature=0.0, max_tokens=JUDGE_MAX_TOKENS).text
@@ -164,7 +155,7 @@ def run_preference(args: argparse.Namespace) -> int:
 
     tasks = [(q, o) for q in todo for o in orders]
     results = {task: {"label": None, "side": None, "reply": "", "error": r.reason} if isinstance(r, CallFailed) else r
-               for task, r in zip(tasks, run_parallel(judge, tasks, args.concurrency, "judging pairs"))}
+               for task, r in zip(tasks, run_parallel(judge, tasks, concurrency, "judging pairs"))}
     records = []
     for qid in todo:
         verdicts = {o: results[(qid, o)] for o in orders}
@@ -174,21 +165,21 @@ def run_preference(args: argparse.Namespace) -> int:
     judged = len(records) - counts["failed"]
     errors = [v["error"] for r in records for v in r["verdicts"].values() if v["error"]]
     if judged == 0:
-        raise UserError(f"{args.judge_model}: no pair could be judged ({len(records)} tried); the first failure: "
+        raise UserError(f"{judge_settings.model}: no pair could be judged ({len(records)} tried); the first failure: "
                         f"{errors[0]}")
     summary = {
-        "name_a": args.name_a or _model_name(answers["A"], "A"),
-        "name_b": args.name_b or _model_name(answers["B"], "B"),
+        "name_a": name_a or _model_name(answers["A"], "A"),
+        "name_b": name_b or _model_name(answers["B"], "B"),
         "questions": len(questions), "judged": judged,
         **{k: counts[k] for k in ("win", "tie", "loss")},
         **{f"{k}_pct": round(100 * counts[k] / judged, 1) for k in ("win", "tie", "loss")},
         "failed": counts["failed"], "failed_ids": [r["question_id"] for r in records if r["final"] == "failed"],
         "missing_in_a": missing["A"], "missing_in_b": missing["B"], "not_in_questions": unknown, "rule": RULE,
-        "settings": {"judge_model": args.judge_model, "orders": list(orders), "truncate_words": args.truncate_words,
-                     "with_image": bool(args.image_root)},
+        "settings": {"judge_model": judge_settings.model, "orders": list(orders), "truncate_words": truncate,
+                     "with_image": bool(image_root)},
         "usage": asdict(client.usage),
     }
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "judgements.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
                                           encoding="utf-8")
@@ -198,30 +189,4 @@ def run_preference(args: argparse.Namespace) -> int:
     warn_unjudged("unanswered in --answers-b", missing["B"])
     warn_unjudged("answered but not in --questions", unknown)
     warn_unjudged("whose judging failed", summary["failed_ids"], errors[0] if errors else None)
-    print(json.dumps(summary, ensure_ascii=False))
-    return EXIT_SOME_FAILED if counts["failed"] else 0
-
-
-def add_preference_parser(steps) -> argparse.ArgumentParser:
-    """Add `preference` to the `xllava eval` subcommands."""
-    p = steps.add_parser("preference", help="pairwise preference of two models' answers by an LLM judge",
-                         description=__doc__.split("\n\n", 1)[1], epilog=EXAMPLES,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--questions", required=True, help="LLaVA question JSONL (question_id, image, text)")
-    p.add_argument("--answers-a", required=True, help="answer JSONL of model A (the one the result is reported for)")
-    p.add_argument("--answers-b", required=True, help="answer JSONL of model B")
-    p.add_argument("--api-base", required=True, help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
-    p.add_argument("--judge-model", required=True, help="the judge model's name at that endpoint")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key "
-                   "(default: %(default)s; may be unset for a local server)")
-    p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="judge reply cache (default: %(default)s)")
-    p.add_argument("--image-root", help="directory of the questions' images; without it the judge sees no image")
-    p.add_argument("--truncate-words", type=int, help="cut every answer to its first N words (the paper: 30)")
-    p.add_argument("--one-order", action="store_true", help="judge each pair once with A shown first (the paper)")
-    p.add_argument("--name-a", help="name of model A in the outputs (default: its answers' model_id)")
-    p.add_argument("--name-b", help="name of model B in the outputs (default: its answers' model_id)")
-    p.add_argument("--concurrency", type=int, default=4, help="judge calls in flight (default: %(default)s)")
-    add_endpoint_options(p)
-    p.add_argument("--out", required=True, help="output directory")
-    p.set_defaults(run=run_preference)
-    return p
+    return summary

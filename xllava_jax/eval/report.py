@@ -4,10 +4,6 @@ OUT/report.json and print the markdown."""
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
 from xllava_jax.eval.answers import ScoreError, read_json
 
 TABLE3 = (("bokvqa_ko", "BVQA-ko"), ("koviz", "KoViz"), ("koliv", "KoLiv"), ("bokvqa_en", "BVQA-en"),
@@ -26,18 +22,13 @@ NOTES = ("POPE (acc) is the mean accuracy over the POPE splits scored (the paper
          "A figure marked (strict) was scored with `--rules strict`; unmarked ones use the paper's / official "
          "rules. '-' means not scored.")
 
-EXAMPLES = """examples:
-  xllava eval report --scores scores/*.json --out report/
-  xllava eval report --scores runs/a/scores/*.json runs/b/scores/*.json --with-paper --title "X-LLaVA 13B vs ours"
-  xllava eval report --scores koviz.json koviz_strict.json --model "ours (paper rules)" "ours (strict)"
-"""
 
 
 def load_scores(paths: list[str], models: list[str]) -> list[dict]:
     """Each metrics file as {model, benchmark, value, rules, file}; `models`: none (use each file's model_id),
     one name for all files, or one per file."""
     if models and len(models) not in (1, len(paths)):
-        raise ScoreError(f"--model takes one name or one per --scores file ({len(paths)}), got {len(models)}")
+        raise ScoreError(f"`models` takes one name or one per `paths` file ({len(paths)}), got {len(models)}")
     entries = []
     for i, path in enumerate(paths):
         data = read_json(path)
@@ -62,7 +53,7 @@ def build_report(entries: list[dict], title: str, with_paper: bool) -> dict:
         row = rows.setdefault(e["model"], {"model": e["model"], "source": "ours", "cells": {}})
         if e["benchmark"] in row["cells"]:
             raise ScoreError(f"{e['file']}: a second {e['benchmark']} score for model {e['model']!r} (first: "
-                             f"{row['cells'][e['benchmark']]['file']}); name rows apart with --model")
+                             f"{row['cells'][e['benchmark']]['file']}); name rows apart with `models`")
         row["cells"][e["benchmark"]] = {"value": e["value"], "rules": e["rules"], "file": e["file"]}
     out_rows = [{"model": r["model"], "source": "ours",
                  "table3": {k: r["cells"].get(k) for k, _ in TABLE3},
@@ -100,35 +91,3 @@ def render_markdown(report: dict) -> str:
         lines += ["", "## Other benchmarks (accuracy %)", "", *_table(report, "other")]
     lines += ["", *(f"- {note}" for note in report["notes"]), "", "Scores: " + ", ".join(report["scores"])]
     return "\n".join(lines) + "\n"
-
-
-def run_report(args: argparse.Namespace) -> int:
-    """Build, print and (with --out) write the report."""
-    report = build_report(load_scores(args.scores, args.model or []), args.title, args.with_paper)
-    markdown = render_markdown(report)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.md").write_text(markdown, encoding="utf-8")
-        (out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    print(markdown, end="")
-    return 0
-
-
-def add_report_parser(subparsers) -> argparse.ArgumentParser:
-    """Add `report` to the `xllava eval` subcommands."""
-    p = subparsers.add_parser(
-        "report", help="tables of scores, in the paper's Table 3 layout", epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Read metrics JSON files (from `xllava eval score --out`, or any JSON with `benchmark` and\n"
-                    "`accuracy`) and build one row per model: the paper's Table 3 columns (BVQA-ko, KoViz, KoLiv,\n"
-                    "BVQA-en, VQAv2, GQA, LLaVA-Bench, POPE accuracy), then the other benchmarks. Prints markdown;\n"
-                    "with --out writes OUT/report.md and OUT/report.json.")
-    p.add_argument("--scores", required=True, nargs="+", help="metrics JSON files")
-    p.add_argument("--out", help="directory for report.md and report.json (created)")
-    p.add_argument("--title", default="X-LLaVA evaluation", help="report title (default: %(default)s)")
-    p.add_argument("--model", nargs="+", help="row name for every file, or one per --scores file "
-                                              "(default: each file's model_id)")
-    p.add_argument("--with-paper", action="store_true", help="add the paper's Table 3 rows for comparison")
-    p.set_defaults(run=run_report)
-    return p

@@ -12,7 +12,6 @@ question order) into `OUT/answers.jsonl` once every question is answered, and re
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -28,20 +27,10 @@ import numpy as np
 from jax.sharding import AxisType, Mesh
 from tqdm import tqdm
 
-from xllava_jax.data.conversation import MODES, TEMPLATES
 from xllava_jax.errors import UserError
-from xllava_jax.eval.questions import BENCHMARKS, Question, answer_key, read_questions
-from xllava_jax.infer.engine import MODE_HELP, TEMPLATE_HELP, Engine
+from xllava_jax.eval.questions import Question, answer_key, read_questions
+from xllava_jax.infer.engine import Engine
 from xllava_jax.sharding import MESH_AXES
-
-EXAMPLES = """examples:
-  xllava eval run --benchmark gqa --ckpt ckpt/xllava --data llava_gqa_testdev_balanced.jsonl \\
-      --image-root gqa/images --out runs/eval/gqa
-  xllava eval run --benchmark kmmbench --ckpt ckpt/xllava --data K-MMBench_DEV.tsv --all-rounds --out runs/eval/kmmb
-  xllava eval run --benchmark synth_vqa --ckpt runs/vif/final --data synth/vqa_heldout_ko.jsonl \\
-      --image-root synth --out runs/eval/synth_ko --limit 200
-Rerunning the same command resumes: answered questions are skipped.
-"""
 
 
 class AnswerFileError(UserError):
@@ -73,7 +62,7 @@ def local_mesh(num_devices: int | None = None) -> Mesh:
     devices = jax.local_devices()
     n = num_devices or len(devices)
     if not 1 <= n <= len(devices):
-        raise UserError(f"--num-devices {n}: this process has {len(devices)} device(s)")
+        raise UserError(f"`num_devices` {n}: this process has {len(devices)} device(s)")
     return Mesh(np.array(devices[:n]).reshape(n, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
@@ -149,7 +138,7 @@ def _inputs(engine: Engine, batch: list[Question], max_new_tokens: int) -> tuple
         except UserError as e:
             raise UserError(str(e) if str(e).startswith(q.where) else f"{q.where}: {e}") from None
         if len(ids) + max_new_tokens > engine.max_context:
-            raise UserError(f"{q.where}: the prompt ({len(ids)} tokens) plus --max-new-tokens {max_new_tokens} "
+            raise UserError(f"{q.where}: the prompt ({len(ids)} tokens) plus `max_new_tokens` {max_new_tokens} "
                             f"exceeds the model's context of {engine.max_context}")
         prompts.append(ids)
     return prompts, images
@@ -163,7 +152,7 @@ def run_eval(opts: RunOptions, *, engine: Engine | None = None,
     start = time.perf_counter()
     index, count = process or (jax.process_index(), jax.process_count())
     if opts.batch_size < 1 or opts.max_new_tokens < 1 or (opts.limit is not None and opts.limit < 1):
-        raise UserError("--batch-size, --max-new-tokens and --limit must be at least 1")
+        raise UserError("`batch_size`, `max_new_tokens` and `limit` must be at least 1")
     questions = read_questions(opts.data, opts.benchmark, image_root=opts.image_root, lang=opts.lang,
                                all_rounds=opts.all_rounds, limit=opts.limit)
     out = Path(opts.out)
@@ -202,44 +191,3 @@ def run_eval(opts: RunOptions, *, engine: Engine | None = None,
             path = out / "answers.jsonl"
     return {"answers": str(path), "questions": len(questions), "answered_now": len(todo),
             "skipped": len(mine) - len(todo), "seconds": round(time.perf_counter() - start, 3)}
-
-
-def run_command(args: argparse.Namespace) -> None:
-    """The `eval run` handler: prints the summary JSON as the last stdout line."""
-    from xllava_jax.train.distributed import initialize
-
-    initialize(args.coordinator, args.num_processes, args.process_id)
-    opts = RunOptions(benchmark=args.benchmark, ckpt=args.ckpt, data=args.data, out=args.out,
-                      image_root=args.image_root, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                      template=args.template, mode=args.mode, lang=args.lang, limit=args.limit,
-                      all_rounds=args.all_rounds, temperature=args.temperature, num_devices=args.num_devices)
-    print(json.dumps(run_eval(opts), ensure_ascii=False))
-
-
-def add_run_parser(steps) -> None:
-    """Add `eval run` to the eval subcommands."""
-    p = steps.add_parser("run", help="answer a benchmark's questions with a checkpoint (LLaVA answer JSONL)",
-                         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-                         description="Generate answers for a benchmark's question file (LLaVA question JSONL, "
-                                     "VQAv2 or GQA questions JSON, POPE, or MMBench-style TSV) into "
-                                     "OUT/answers.jsonl, greedy by default. Prints one JSON summary line.")
-    p.add_argument("--benchmark", required=True, choices=BENCHMARKS, help="which benchmark the file belongs to")
-    p.add_argument("--ckpt", required=True, help="our checkpoint or a Hugging Face directory (with tokenizer)")
-    p.add_argument("--data", required=True, help="the question file")
-    p.add_argument("--image-root", help="directory the image paths are under (default: the question file's)")
-    p.add_argument("--out", required=True, help="output directory (answers.jsonl)")
-    p.add_argument("--batch-size", type=int, default=8, help="questions per batch (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="(default: %(default)s)")
-    p.add_argument("--template", choices=TEMPLATES, help=TEMPLATE_HELP)
-    p.add_argument("--mode", choices=MODES, help=MODE_HELP)
-    p.add_argument("--lang", choices=["en", "ko", "zh"],
-                   help="instruction language (default: the benchmark's; a question's `lang` key wins)")
-    p.add_argument("--limit", type=int, help="answer only the first N questions")
-    p.add_argument("--all-rounds", action="store_true",
-                   help="multiple choice: one round per option, options rotated (circular evaluation)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default: %(default)s)")
-    p.add_argument("--num-devices", type=int, help="local devices to spread each batch over (default: all)")
-    p.add_argument("--coordinator", help="host:port of process 0, for multi-process runs without auto-detection")
-    p.add_argument("--num-processes", type=int, help="number of processes (with --coordinator)")
-    p.add_argument("--process-id", type=int, help="this process's index (with --coordinator)")
-    p.set_defaults(run=run_command)

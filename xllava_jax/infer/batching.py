@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# The engine's own text stream, so streamed text matches Engine.generate / Engine.stream.
-from xllava_jax.infer.engine import Answer, Engine, _TextStream
+from xllava_jax.infer.engine import Answer, Engine
 from xllava_jax.infer.generate import GenerationConfig
 from xllava_jax.infer.openai_protocol import SEED_MODULUS, APIError, Sampling
 
@@ -61,21 +60,12 @@ def generate_rows(engine: Engine, jobs: list[Job], batch_size: int) -> list[Answ
 
 
 def stream_answer(engine: Engine, job: Job, emit: Callable[[str], None]) -> tuple[int, str]:
-    """Generate one answer token by token, calling `emit(delta)` with each safe text delta; returns
+    """Generate one answer with `Engine.stream`, calling `emit(delta)` with each text delta; returns
     (completion tokens, finish_reason). The text equals `generate_rows`' for the same job."""
-    pixels = None if job.image is None else job.image[None]
-    text = _TextStream(engine.tokenizer, job.stop)
-    count = 0
-    for token in engine.generator.stream(job.prompt, pixels, _config(engine, [job])):
-        count += 1
-        delta = text.push(token)
-        if delta:
-            emit(delta)
-        if text.stopped:
-            return count, "stop"
-        if count == job.max_tokens:
-            return count, "length"
-    return count, "stop"  # the generator ended at an eos
+    stream = engine.stream(job.prompt, job.image, _config(engine, [job]), job.stop, limit=job.max_tokens)
+    for delta in stream:
+        emit(delta)
+    return stream.completion_tokens, stream.finish_reason
 
 
 class Batcher:

@@ -32,11 +32,10 @@ from xllava_jax.convert.load import ConversionError, load_pretrained
 from xllava_jax.convert.prompt import DEFAULT_MODE, DEFAULT_TEMPLATE, recorded_prompt, resolve_prompt
 from xllava_jax.data import conversation as conv
 from xllava_jax.data.images import ImageConfig, ImageError, preprocess
-from xllava_jax.data.tokenizer import Tokenizer
 from xllava_jax.errors import UserError
 from xllava_jax.infer.generate import GenerationConfig, Generator, truncate_at_stop
 from xllava_jax.models.xllava import XLlava
-from xllava_jax.tokenizer.expand import TokenizerError
+from xllava_jax.tokenizer.runtime import Tokenizer, TokenizerError
 
 REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 byte sequence decodes to
 # The help of the prompt flags of generate, chat, serve and eval run (all resolved by `Engine.load`).
@@ -148,10 +147,11 @@ class Engine:
         except ImageError as e:
             raise EngineError(str(e)) from None
 
-    def prompt_ids(self, turns: list[tuple[str, str]], *, with_image: bool) -> list[int]:
+    def prompt_ids(self, turns: list[tuple[str, str]], *, with_image: bool, system: str | None = None) -> list[int]:
         """Token ids of a generation prompt for `turns` ((role, text), role "human" or "gpt", ending with
-        a human turn). with_image puts `<image>\\n` before the first human turn's text unless it holds
-        `<image>` already; the image slot becomes `num_image_tokens` placeholder ids."""
+        a human turn), with `system` in place of the engine's system prompt when given. with_image puts
+        `<image>\\n` before the first human turn's text unless it holds `<image>` already; the image slot
+        becomes `num_image_tokens` placeholder ids."""
         turns = [(role, text) for role, text in turns]
         tagged = any(conv.IMAGE in text for _, text in turns)
         if tagged and not with_image:
@@ -164,12 +164,11 @@ class Engine:
                     raise EngineError("a conversation must start with a human turn")
                 turns[0] = (turns[0][0], f"{conv.IMAGE}\n{turns[0][1]}")
         try:
-            pieces = conv.render(self.template, turns, system=self.system, generation=True)
-            encoded = conv.encode(pieces, self.tokenizer, num_image_tokens=self.cfg.num_image_tokens,
-                                  image_token_id=self.cfg.image_token_id, mode=self.mode)
+            return conv.encode_turns(self.template, turns, self.tokenizer, num_image_tokens=self.cfg.num_image_tokens,
+                                     image_token_id=self.cfg.image_token_id, mode=self.mode,
+                                     system=self.system if system is None else system, generation=True).input_ids
         except conv.ConversationError as e:
             raise EngineError(str(e)) from None
-        return encoded.input_ids
 
     def generation_config(self, **changes) -> GenerationConfig:
         """A GenerationConfig with the tokenizer's eos and pad ids; `changes` set any other field."""
@@ -235,21 +234,42 @@ class Engine:
         return answers
 
     def stream(self, prompt: list[int], image: np.ndarray | None, config: GenerationConfig,
-               stop: Sequence[str] = ()) -> Iterator[str]:
+               stop: Sequence[str] = (), *, limit: int | None = None) -> AnswerStream:
         """Text deltas of one answer as it is generated. Their concatenation is `generate`'s text for the
-        same prompt: a multi-byte character is never split, leading whitespace is dropped and trailing
-        whitespace held back; it ends at eos or before a stop string (which is not yielded)."""
-        self._check_row(prompt, image, config)
+        same prompt and `limit` (new tokens, at most config.max_new_tokens): a multi-byte character is never
+        split, leading whitespace is dropped and trailing whitespace held back; it ends at eos, at the limit
+        or before a stop string (which is not yielded)."""
+        self._check_row(prompt, image, config, limit)
         pixels = None if image is None else np.asarray(image, np.float32)[None]
-        text = _TextStream(self.tokenizer, stop)
-        for token in self.generator.stream(prompt, pixels, config):
-            delta = text.push(token)
-            if delta:
+        limit = config.max_new_tokens if limit is None else min(limit, config.max_new_tokens)
+        return AnswerStream(self.generator.stream(prompt, pixels, config), _TextStream(self.tokenizer, stop), limit)
+
+
+class AnswerStream(Iterator[str]):
+    """The text deltas of one answer (see `Engine.stream`); once they are all read, `completion_tokens` and
+    `finish_reason` are what `Engine.generate`'s Answer says for the same prompt."""
+
+    def __init__(self, tokens: Iterator[int], text: _TextStream, limit: int):
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self._deltas = self._run(tokens, text, limit)
+
+    def __next__(self) -> str:
+        return next(self._deltas)
+
+    def _run(self, tokens: Iterator[int], text: _TextStream, limit: int) -> Iterator[str]:
+        reason = "stop"  # an eos (the generator ends) or a stop string
+        for token in tokens:
+            self.completion_tokens += 1
+            if delta := text.push(token):
                 yield delta
             if text.stopped:
-                return
-        delta = text.finish()
-        if delta:
+                break
+            if self.completion_tokens == limit:
+                reason = "length"
+                break
+        self.finish_reason = reason
+        if not text.stopped and (delta := text.finish()):
             yield delta
 
 

@@ -27,9 +27,9 @@ import numpy as np
 from flax import nnx
 
 from xllava_jax.models.llama import KVCache
-from xllava_jax.models.xllava import XLlava
+from xllava_jax.models.xllava import XLlava, check_placeholder_count
 
-Sampling = tuple[jax.Array, jax.Array, jax.Array]  # temperature float32[], top_k int32[], top_p float32[]
+SamplingArrays = tuple[jax.Array, jax.Array, jax.Array]  # temperature float32[], top_k int32[], top_p float32[]
 
 
 @dataclass(frozen=True)
@@ -88,14 +88,13 @@ class GenerationResult:
 def greedy_tokens(logits: jax.Array) -> jax.Array:
     """`jnp.argmax(logits, axis=-1)` as int32[B] (the first maximum; the first NaN where a row has
     one), computed as a max and a min over the indices that reach it: two plain reductions, where
-    XLA:CPU runs argmax's (value, index) reduction unvectorised (175 vs 29 us over 39,479 logits,
-    about 2% of a bench_small decode step)."""
+    XLA:CPU runs argmax's (value, index) reduction unvectorised."""
     top = jnp.max(logits, axis=-1, keepdims=True)
     index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
     return jnp.min(jnp.where((logits == top) | jnp.isnan(logits), index, logits.shape[-1]), axis=-1)
 
 
-def sample_tokens(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+def sample_tokens(logits: jax.Array, key: jax.Array, sampling: SamplingArrays) -> jax.Array:
     """Pick the next token per row: float[B, V] -> int32[B]. Greedy when the temperature is 0."""
     temperature, top_k, top_p = sampling
 
@@ -138,7 +137,7 @@ def _decode_step(model: XLlava, tokens: jax.Array, cache: KVCache, slot: jax.Arr
 
 
 def _generate(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, prompt_mask: jax.Array,
-              pixel_values: jax.Array | None, key: jax.Array, sampling: Sampling, eos_ids: jax.Array,
+              pixel_values: jax.Array | None, key: jax.Array, sampling: SamplingArrays, eos_ids: jax.Array,
               pad_id: jax.Array, *, max_new_tokens: int) -> jax.Array:
     """Prefill + the whole decode loop. input_ids, prompt_mask int32[B, P] (left-padded) ->
     new tokens int32[B, max_new_tokens]; after a row's first eos (kept here) come `pad_id`s."""
@@ -166,7 +165,7 @@ def _generate(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, pr
 
 
 def _stream_prefill(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, prompt_mask: jax.Array,
-                    pixel_values: jax.Array | None, key: jax.Array, sampling: Sampling, *,
+                    pixel_values: jax.Array | None, key: jax.Array, sampling: SamplingArrays, *,
                     max_new_tokens: int) -> tuple[jax.Array, KVCache, jax.Array]:
     """The prefill of `_generate` on its own: (first tokens int32[B], cache, cache mask int32[B, L])."""
     model = nnx.merge(graphdef, state)
@@ -176,7 +175,7 @@ def _stream_prefill(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Arr
 
 def _stream_step(graphdef: nnx.GraphDef, state: nnx.State, prev: jax.Array, cache: KVCache,
                  cache_mask: jax.Array, step: jax.Array, prompt_len: jax.Array, num_prompt: jax.Array,
-                 key: jax.Array, sampling: Sampling) -> tuple[jax.Array, KVCache]:
+                 key: jax.Array, sampling: SamplingArrays) -> tuple[jax.Array, KVCache]:
     """One iteration of `_generate`'s loop: token `step - 1` int32[B] in, token `step` int32[B] out."""
     model = nnx.merge(graphdef, state)
     logits, cache = _decode_step(model, prev, cache, prompt_len + step - 1, num_prompt + step - 1, cache_mask)
@@ -232,16 +231,13 @@ class Generator:
             mask[i, width - len(row):] = 1
         if pixel_values is not None:
             pixel_values = jnp.asarray(pixel_values, self.cfg.compute_dtype)
-            if pixel_values.ndim == 4:
-                placeholders = int((ids == self.cfg.image_token_id).sum())
+            if pixel_values.ndim == 4:  # checked here: inside the compiled program the ids are traced
                 features = pixel_values.shape[0] * self.cfg.num_image_tokens
-                if placeholders != features:
-                    raise ValueError(f"the prompts hold {placeholders} image placeholder ids but the images "
-                                     f"give {features} features")
+                check_placeholder_count(ids == self.cfg.image_token_id, features)
         return jnp.asarray(ids), jnp.asarray(mask), pixel_values, lengths
 
     @staticmethod
-    def _runtime(config: GenerationConfig) -> tuple[jax.Array, Sampling]:
+    def _runtime(config: GenerationConfig) -> tuple[jax.Array, SamplingArrays]:
         """The seed's key and the sampling settings as arrays (runtime values, not compile keys)."""
         sampling = (jnp.float32(config.temperature), jnp.int32(config.top_k), jnp.float32(config.top_p))
         return jax.random.key(config.seed), sampling

@@ -13,13 +13,9 @@ the connection is read from its start.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import os
-import signal
-import sys
 import threading
 import time
 from http import HTTPStatus
@@ -28,11 +24,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from xllava_jax.data import conversation as conv
 from xllava_jax.errors import UserError
 from xllava_jax.infer import openai_protocol as api
 from xllava_jax.infer.batching import Batcher, Job, stream_answer
-from xllava_jax.infer.chat import add_engine_flags, add_sampling_flags, load_engine
 from xllava_jax.infer.engine import Engine, EngineError
 
 MAX_BODY_BYTES = 20 * 1024 * 1024
@@ -44,18 +38,6 @@ log = logging.getLogger(__name__)
 
 class ServeError(UserError):
     """A server setting that cannot work (bad flag, unusable image root, port in use)."""
-
-
-def prompt_ids(engine: Engine, turns: list[tuple[str, str]], system: str | None) -> list[int]:
-    """Token ids of a generation prompt for `turns` (the image turn holds `<image>`) under the engine's
-    template and mode, with `system` in place of the engine's system prompt when given."""
-    try:
-        pieces = conv.render(engine.template, turns, system=engine.system if system is None else system,
-                             generation=True)
-        return conv.encode(pieces, engine.tokenizer, num_image_tokens=engine.cfg.num_image_tokens,
-                           image_token_id=engine.cfg.image_token_id, mode=engine.mode).input_ids
-    except conv.ConversationError as e:
-        raise api.bad_request(f"cannot render the conversation: {e}", "messages") from None
 
 
 def check_settings(image_root: str | Path | None, max_batch: int, batch_wait_ms: float, max_body_bytes: int,
@@ -124,7 +106,10 @@ class ChatServer(ThreadingHTTPServer):
                 image = self.engine.load_image(request.image, name=name)
             except EngineError as e:
                 raise api.bad_request(f"cannot use the image: {e}", "messages", "invalid_image") from None
-        prompt = prompt_ids(self.engine, request.turns, request.system)
+        try:
+            prompt = self.engine.prompt_ids(request.turns, with_image=image is not None, system=request.system)
+        except EngineError as e:
+            raise api.bad_request(f"cannot render the conversation: {e}", "messages") from None
         room = self.engine.max_context - len(prompt)
         limit = min(self.defaults.max_tokens, room) if request.max_tokens is None else request.max_tokens
         if limit > room or room < 1:
@@ -321,71 +306,3 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-
-
-SERVE_EXAMPLES = """examples:
-  xllava serve --ckpt ckpt/xllava --port 8000
-  xllava serve --ckpt ckpt/xllava --image-root /data/images --model-name xllava-13b --max-batch 16
-  XLLAVA_SERVE_API_KEY=$(cat key.txt) xllava serve --ckpt ckpt/xllava --host 0.0.0.0 --request-timeout 60
-  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
-      -d '{"model": "xllava", "messages": [{"role": "user", "content": "Hello"}]}'
-  curl http://127.0.0.1:8000/health
-From Python: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY or anything").chat.completions.create(...)
-"""
-
-
-def add_serve_parser(subparsers) -> None:
-    """Add `serve` to the `xllava` subcommands."""
-    p = subparsers.add_parser(
-        "serve", help="serve a checkpoint over an OpenAI-compatible HTTP API", epilog=SERVE_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="An OpenAI-compatible server: POST /v1/chat/completions (text and image_url parts: data URLs, "
-                    "or file URLs under --image-root; streaming or not), GET /v1/models and GET /health. Concurrent "
-                    "non-streaming requests are batched into one generate call; streaming requests run one at a "
-                    "time. The sampling flags set what a request leaves out. Ctrl-C or SIGTERM stops it.")
-    p.add_argument("--ckpt", required=True, help="our checkpoint or a Hugging Face directory (with its tokenizer)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
-    p.add_argument("--image-root", help="allow file:// image URLs under this directory (default: refused)")
-    p.add_argument("--model-name", help="the model id clients send (default: the checkpoint directory's name)")
-    p.add_argument("--max-batch", type=int, default=8, help="most requests per generate call (default: 8)")
-    p.add_argument("--batch-wait-ms", type=float, default=10.0,
-                   help="how long to wait for more requests after the first of a batch (default: 10)")
-    p.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / 2**20,
-                   help=f"largest request body in MiB (default: {MAX_BODY_BYTES // 2**20})")
-    p.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT_S,
-                   help="seconds a connection may wait on the client (a stalled upload, an idle keep-alive, an "
-                        f"answer not read) before it is closed (default: {REQUEST_TIMEOUT_S:g})")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health (default: "
-                                     f"${API_KEY_ENV} when set, else none; the variable keeps the key out of ps)")
-    add_sampling_flags(p, "--max-tokens")
-    add_engine_flags(p)
-    p.set_defaults(run=run_serve)
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    """`xllava serve`: load the checkpoint and answer requests until Ctrl-C or SIGTERM."""
-    if not 0 <= args.port <= 65535:
-        raise ServeError(f"--port must be in [0, 65535], got {args.port}")
-    max_body_bytes = int(args.max_body_mb * 2**20)
-    api_key = os.environ.get(API_KEY_ENV) if args.api_key is None else args.api_key
-    check_settings(args.image_root, args.max_batch, args.batch_wait_ms, max_body_bytes, args.request_timeout, api_key)
-    engine = load_engine(args, model_id=args.model_name)
-    defaults = api.Defaults(args.temperature, args.top_p, args.top_k, args.max_tokens)
-    server = ChatServer(engine, args.host, args.port, image_root=args.image_root, max_batch=args.max_batch,
-                        batch_wait_ms=args.batch_wait_ms, defaults=defaults, max_body_bytes=max_body_bytes,
-                        request_timeout=args.request_timeout, api_key=api_key)
-    signal.signal(signal.SIGTERM, _interrupt)
-    access = "API key required" if api_key else "no API key"
-    print(f"serving {engine.model_id!r} at {server.url} ({access}; Ctrl-C to stop)", file=sys.stderr, flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        print("shutting down", file=sys.stderr)
-    finally:
-        server.server_close()
-    return 0

@@ -14,6 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 from flax import nnx
 
 from xllava_jax import sharding
@@ -73,12 +74,10 @@ class Attention(nnx.Module):
         """x: float[B, T, D]; mask: bool[B, 1, T, S]; kv: (float[B, S, K, H], float[B, S, K, H]) or None;
         segments: int[B, T] (see `ops.attention`). Returns (float[B, T, D], updated kv or None).
         """
-        b, t, _ = x.shape
-        heads = sharding.shard(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), sharding.HEADS)
-        q = apply_rope(heads, cos, sin)
-        k = apply_rope(sharding.shard(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim),
-                                      sharding.KV_HEADS), cos, sin)
-        v = sharding.shard(self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), sharding.KV_HEADS)
+        split = lambda y: rearrange(y, "b t (n h) -> b t n h", h=self.head_dim)  # noqa: E731
+        q = apply_rope(sharding.shard(split(self.q_proj(x)), sharding.HEADS), cos, sin)
+        k = apply_rope(sharding.shard(split(self.k_proj(x)), sharding.KV_HEADS), cos, sin)
+        v = sharding.shard(split(self.v_proj(x)), sharding.KV_HEADS)
         if kv is not None:
             start = (0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
@@ -89,7 +88,7 @@ class Attention(nnx.Module):
         out = ops.attention(q, k, v, mask, impl=self.attention, platform=self.platform, first_slot=first_slot,
                             segments=segments, cached=kv is not None)
         out = sharding.shard(out, sharding.HEADS)
-        return self.o_proj(out.reshape(b, t, -1)), kv
+        return self.o_proj(rearrange(out, "b t n h -> b t (n h)")), kv
 
 
 class MLP(nnx.Module):

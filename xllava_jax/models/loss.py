@@ -10,8 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from xllava_jax import sharding
-
-IGNORE_INDEX = -100
+from xllava_jax.constants import IGNORE_INDEX
 
 
 def shifted_targets(labels: jax.Array) -> jax.Array:

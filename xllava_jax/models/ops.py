@@ -21,6 +21,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 from xllava_jax import sharding
 
@@ -140,10 +141,10 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Arr
                                   block_kv_dq=block)
         kernel = splash.make_splash_mha(mask=masks.MultiHeadMask([masks.CausalMask((t, t))] * n),
                                         block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
-        heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
+        heads_first = lambda x: rearrange(x, "b t n h -> b n t h")  # noqa: E731
         out = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=splash.SegmentIds(s1, s1)))(
             heads_first(q), heads_first(k), heads_first(v), seg)
-        return heads_first(out)
+        return rearrange(out, "b n t h -> b t n h")
 
     spec = sharding.activation_spec(sharding.HEADS, q.shape)
     if spec is None:
@@ -164,13 +165,12 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     softmax is unchanged (rows masked everywhere aside, whose output is meaningless anyway). The
     backward pass is written out (`_attention_bwd`). Returns float[B, T, N, H].
     """
-    b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    groups = n // kv_heads
-    scale = np.float32(1.0 / np.sqrt(h))
-    q = (q * scale.astype(q.dtype)).reshape(b, t, kv_heads, groups, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
-    out = _attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, first_slot)  # k, v: [B, K, S, H]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+    scale = np.float32(1.0 / np.sqrt(q.shape[-1]))
+    # Query head n = kv head k * G + group g (kv head k serves query heads kG .. kG + G - 1).
+    q = rearrange(q * scale.astype(q.dtype), "b t (k g) h -> b k g t h", k=k.shape[2])
+    heads_first = lambda x: rearrange(x, "b s k h -> b k s h")  # noqa: E731
+    out = _attention(q, heads_first(k), heads_first(v), mask, first_slot)
+    return rearrange(out, "b k g t h -> b t (k g) h")
 
 
 def _attention_blocks(t: int, s: int, first_slot: int | None):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 
 from xllava_jax import sharding
@@ -29,11 +30,10 @@ class VisionAttention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: float[B, T, D] -> float[B, T, D]; full (bidirectional) attention."""
-        b, t, _ = x.shape
-        shape = (b, t, self.num_heads, self.head_dim)
-        q, k, v = (sharding.shard(p(x).reshape(shape), sharding.HEADS) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (sharding.shard(rearrange(p(x), "b t (n h) -> b t n h", h=self.head_dim), sharding.HEADS)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
         out = sharding.shard(jax.nn.dot_product_attention(q, k, v), sharding.HEADS)
-        return self.out_proj(out.reshape(b, t, -1))
+        return self.out_proj(rearrange(out, "b t n h -> b t (n h)"))
 
 
 class VisionMLP(nnx.Module):
@@ -93,9 +93,9 @@ class VisionTower(nnx.Module):
         if (h, w) != (self.cfg.image_size, self.cfg.image_size) or c != self.cfg.num_channels:
             raise ValueError(f"pixel_values must be [B, {self.cfg.image_size}, {self.cfg.image_size}, "
                              f"{self.cfg.num_channels}] (channels last), got {tuple(pixel_values.shape)}")
-        x = pixel_values.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
-        patches = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // p) * (w // p), p * p * c)
-        kernel = self.patch_embedding[...].astype(self.dtype).reshape(p * p * c, -1)
+        # Patches in row-major order, each flattened as the (p, p, C) kernel is: a p x p stride-p convolution.
+        patches = rearrange(pixel_values.astype(self.dtype), "b (gh ph) (gw pw) c -> b (gh gw) (ph pw c)", ph=p, pw=p)
+        kernel = rearrange(self.patch_embedding[...].astype(self.dtype), "ph pw c d -> (ph pw c) d")
         tokens = jnp.dot(patches, kernel)
         cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, tokens.shape[-1]))
         return jnp.concatenate([cls, tokens], axis=1) + self.position_embedding[...].astype(self.dtype)

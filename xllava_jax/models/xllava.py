@@ -66,7 +66,7 @@ class XLlava(nnx.Module):
             slot = jnp.cumsum(is_image, axis=1) - 1
             picked = jnp.take_along_axis(feats, jnp.clip(slot, 0, feats.shape[1] - 1)[..., None], axis=1)
         else:
-            _check_placeholder_count(is_image, feats.shape[0] * feats.shape[1])
+            check_placeholder_count(is_image, feats.shape[0] * feats.shape[1])
             flat = feats.reshape(-1, d)
             slot = jnp.cumsum(is_image.reshape(-1)) - 1
             picked = flat[jnp.clip(slot, 0, flat.shape[0] - 1)].reshape(b, s, d)
@@ -96,7 +96,9 @@ class XLlava(nnx.Module):
                                    position_ids=position_ids, cache=cache, cache_index=cache_index)
 
 
-def _check_placeholder_count(is_image: jax.Array, num_features: int) -> None:
+def check_placeholder_count(is_image, num_features: int) -> None:
+    """ValueError unless the placeholder mask bool[B, S] (a jax or numpy array) marks `num_features` ids;
+    a traced mask is not checked (its values are unknown)."""
     if isinstance(is_image, jax.core.Tracer):
         return
     count = int(is_image.sum())

@@ -1,7 +1,7 @@
 """The `xllava vocab` command: expand, resize, stats.
 
-`add_vocab_parser(subparsers)` adds the command to the `xllava` parser; `run_vocab(args)` runs it and
-raises `TokenizerError` (a ValueError) with one clear line on bad input.
+`add_vocab_parser(subparsers)` adds the command to the `xllava` parser, with `run_vocab` as each subcommand's
+`run`; `run_vocab(args)` runs it and raises `TokenizerError` (a UserError) with one clear line on bad input.
 """
 
 from __future__ import annotations
@@ -10,13 +10,9 @@ import argparse
 import json
 import sys
 
-from xllava_jax.tokenizer.expand import (
-    FILTERS,
-    TokenizerError,
-    check_out_dir,
-    expand_tokenizer,
-    load_proto,
-)
+from xllava_jax.errors import SettingFlags
+from xllava_jax.tokenizer.expand import FILTERS, check_out_dir, expand_tokenizer, load_proto
+from xllava_jax.tokenizer.runtime import TokenizerError
 from xllava_jax.tokenizer.scripts import SCRIPTS
 
 INIT_CHOICES = ("subword_mean", "mean", "normal")
@@ -28,6 +24,17 @@ VOCAB_EXAMPLES = """examples:
   xllava vocab resize --checkpoint ckpt/llama13b --tokenizer tok/ko --out ckpt/llama13b-ko
   xllava vocab stats --tokenizer Llama-2-13b-hf tok/ko --text ko.txt en.txt
 """
+
+
+# The settings of expand_tokenizer, expand_checkpoint and compute_stats (and what they call) that their messages
+# name. `vocab expand` reads the expanded tokenizer back from its --out.
+_RESIZE_FLAGS = {"checkpoint": "--checkpoint", "method": "--init", "pad_to_multiple_of": "--pad-to-multiple-of"}
+EXPAND_FLAGS = SettingFlags({"base": "--base", "out": "--out", "merge_model": "--merge-model",
+                             "merge_vocab": "--merge-vocab", "train_corpus": "--train-corpus", "num_new": "--num-new",
+                             "script": "--script", "syllable_coverage=False": "--no-syllable-coverage",
+                             "checkpoint_out": "--checkpoint-out", "tokenizer": "--out", **_RESIZE_FLAGS})
+RESIZE_FLAGS = SettingFlags({"tokenizer": "--tokenizer", "out": "--out", **_RESIZE_FLAGS})
+STATS_FLAGS = SettingFlags({"tokenizer": "--tokenizer", "text": "--text"})
 
 
 def _formatter(prog: str) -> argparse.HelpFormatter:
@@ -94,6 +101,7 @@ def add_vocab_parser(subparsers) -> None:
                         help="also grow this checkpoint's embeddings and lm_head (needs --checkpoint-out)")
     expand.add_argument("--checkpoint-out", metavar="DIR", help="where to write the expanded checkpoint")
     _add_resize_options(expand)
+    expand.set_defaults(run=run_vocab, flags=EXPAND_FLAGS)
 
     resize = steps.add_parser(
         "resize", help="grow a checkpoint's vocabulary to an expanded tokenizer", epilog=VOCAB_EXAMPLES,
@@ -106,6 +114,7 @@ def add_vocab_parser(subparsers) -> None:
                         help="the --out directory of `xllava vocab expand` (tokenizer.model + expansion.json)")
     resize.add_argument("--out", required=True, metavar="DIR", help="output checkpoint directory (new or empty)")
     _add_resize_options(resize)
+    resize.set_defaults(run=run_vocab, flags=RESIZE_FLAGS)
 
     stats = steps.add_parser(
         "stats", help="compare tokenizers on text files", epilog=VOCAB_EXAMPLES, formatter_class=_formatter,
@@ -115,6 +124,7 @@ def add_vocab_parser(subparsers) -> None:
                        help="SentencePiece model files or directories holding tokenizer.model")
     stats.add_argument("--text", required=True, nargs="+", metavar="FILE", help="UTF-8 text files")
     stats.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    stats.set_defaults(run=run_vocab, flags=STATS_FLAGS)
 
 
 def _print_expansion(record: dict, out: str) -> None:
@@ -141,7 +151,7 @@ def run_vocab(args: argparse.Namespace) -> None:
         print(json.dumps(result, ensure_ascii=False) if args.json else format_table(result))
         return
     if args.vocab_command == "resize":
-        from xllava_jax.tokenizer.resize import expand_checkpoint
+        from xllava_jax.models.resize import expand_checkpoint
 
         out = expand_checkpoint(args.checkpoint, args.tokenizer, args.out, method=args.init,
                                 pad_to_multiple_of=args.pad_to_multiple_of, seed=args.seed, progress=True)
@@ -150,18 +160,18 @@ def run_vocab(args: argparse.Namespace) -> None:
     if bool(args.checkpoint) != bool(args.checkpoint_out):
         raise TokenizerError("--checkpoint and --checkpoint-out go together")
     if args.checkpoint:  # fail before the expansion, not after it
-        from xllava_jax.tokenizer.resize import check_checkpoint
+        from xllava_jax.models.resize import check_checkpoint
 
-        check_out_dir(args.checkpoint_out, "--checkpoint-out")
+        check_out_dir(args.checkpoint_out, "checkpoint_out")
         check_checkpoint(args.checkpoint, len(load_proto(args.base).pieces))
     record = expand_tokenizer(args.base, args.out, merge_model=args.merge_model, merge_vocab=args.merge_vocab,
                               train_corpus=args.train_corpus or (), num_new=args.num_new, script=args.script,
                               syllable_coverage=args.syllable_coverage, progress=True)
     _print_expansion(record, args.out)
     if args.checkpoint:
-        from xllava_jax.tokenizer.resize import expand_checkpoint
+        from xllava_jax.models.resize import expand_checkpoint
 
         out = expand_checkpoint(args.checkpoint, args.out, args.checkpoint_out, method=args.init,
                                 pad_to_multiple_of=args.pad_to_multiple_of, seed=args.seed,
-                                out_flag="--checkpoint-out", progress=True)
+                                out_setting="checkpoint_out", progress=True)
         print(f"wrote {out}")

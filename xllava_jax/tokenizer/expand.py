@@ -41,6 +41,7 @@ from xllava_jax.tokenizer.hf_files import (
     read_base_config,
     write_hf_files,
 )
+from xllava_jax.tokenizer.runtime import TokenizerError
 from xllava_jax.tokenizer.scripts import SCRIPTS, has_script
 from xllava_jax.tokenizer.syllables import KSX1001_SYLLABLES, missing_syllables, syllable_count
 from xllava_jax.tokenizer.train import train_bpe
@@ -57,25 +58,22 @@ MODEL_TYPES = {pb.TrainerSpec.UNIGRAM: "unigram", pb.TrainerSpec.BPE: "bpe", pb.
                pb.TrainerSpec.CHAR: "char"}
 
 
-class TokenizerError(ValueError):
-    """Bad input to the vocabulary tools; the message is one line that says what and where."""
-
-
-def model_path(path: str | Path, flag: str = "--base") -> Path:
-    """`path` itself, or `path/tokenizer.model` when `path` is a directory (a HF model, a checkpoint)."""
+def model_path(path: str | Path, setting: str = "base") -> Path:
+    """`path` itself, or `path/tokenizer.model` when `path` is a directory (a HF model, a checkpoint); errors
+    name `setting`, the argument `path` was given as."""
     path = Path(path)
     if path.is_dir():
         if not (path / MODEL_FILE).is_file():
-            raise TokenizerError(f"{flag} {path}: directory holds no {MODEL_FILE}")
+            raise TokenizerError(f"`{setting}` {path}: directory holds no {MODEL_FILE}")
         return path / MODEL_FILE
     if not path.is_file():
-        raise TokenizerError(f"{flag} {path}: no such file or directory")
+        raise TokenizerError(f"`{setting}` {path}: no such file or directory")
     return path
 
 
-def load_proto(path: str | Path, flag: str = "--base") -> pb.ModelProto:
+def load_proto(path: str | Path, setting: str = "base") -> pb.ModelProto:
     """Parse and check a SentencePiece model file (or a directory holding `tokenizer.model`)."""
-    file = model_path(path, flag)
+    file = model_path(path, setting)
     proto = pb.ModelProto()
     try:
         proto.ParseFromString(file.read_bytes())
@@ -83,7 +81,7 @@ def load_proto(path: str | Path, flag: str = "--base") -> pb.ModelProto:
     except (DecodeError, RuntimeError, UnicodeDecodeError):
         proto.Clear()
     if not proto.pieces:
-        raise TokenizerError(f"{flag} {file}: not a SentencePiece model (cannot parse it as a model proto)")
+        raise TokenizerError(f"`{setting}` {file}: not a SentencePiece model (cannot parse it as a model proto)")
     return proto
 
 
@@ -99,10 +97,10 @@ def check_base(proto: pb.ModelProto, path: str | Path, source_is_bpe: bool) -> N
         return
     if kind == "unigram" and source_is_bpe:
         raise TokenizerError(
-            f"--base {path}: a unigram SentencePiece model, but the new pieces come from a BPE model: their "
+            f"`base` {path}: a unigram SentencePiece model, but the new pieces come from a BPE model: their "
             "scores are merge ranks, not the log-probabilities a unigram model segments by, so the merged model "
             "would split text arbitrarily; expand a BPE base (LLaMA family) instead")
-    raise TokenizerError(f"--base {path}: a {kind} SentencePiece model; only BPE bases (LLaMA family) can be "
+    raise TokenizerError(f"`base` {path}: a {kind} SentencePiece model; only BPE bases (LLaMA family) can be "
                          "expanded (transformers' LlamaTokenizer reads tokenizer.model as BPE)")
 
 
@@ -117,11 +115,11 @@ def vocab_candidates(path: str | Path) -> list[tuple[str, int]]:
     counts (so sentencepiece's `.vocab` files work) and spaces are read as the whitespace mark."""
     path = Path(path)
     if not path.is_file():
-        raise TokenizerError(f"--merge-vocab {path}: no such file")
+        raise TokenizerError(f"`merge_vocab` {path}: no such file")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
-        raise TokenizerError(f"--merge-vocab {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise TokenizerError(f"`merge_vocab` {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     out = []
     for line in lines:
         piece = line.split("\t", 1)[0].replace(" ", SPACE)
@@ -145,7 +143,7 @@ def select_pieces(base: pb.ModelProto, candidates: Iterable[tuple[str, int]], sc
     beyond_num_new.
     """
     if script != "any" and script not in SCRIPTS:
-        raise TokenizerError(f"--script {script}: choose one of {', '.join((*SCRIPTS, 'any'))}")
+        raise TokenizerError(f"`script` {script}: choose one of {', '.join((*SCRIPTS, 'any'))}")
     in_base = {p.piece for p in base.pieces}
     present = in_base | set(first)
     owed = dict.fromkeys(p for p in last if p not in present)  # what the list ends with, in order
@@ -239,11 +237,11 @@ def unreachable_pieces(merged: pb.ModelProto, pieces: Sequence[str]) -> list[str
     return [p for p in pieces if not buildable(p)]
 
 
-def check_out_dir(out: str | Path, flag: str = "--out") -> Path:
-    """`out` as a Path, if it does not exist or is an empty directory."""
+def check_out_dir(out: str | Path, setting: str = "out") -> Path:
+    """`out` as a Path, if it does not exist or is an empty directory; errors name `setting`."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise TokenizerError(f"{flag} {out}: exists and is not empty; choose a new or empty directory")
+        raise TokenizerError(f"`{setting}` {out}: exists and is not empty; choose a new or empty directory")
     return out
 
 
@@ -254,9 +252,9 @@ def syllables_to_add(base: pb.ModelProto, num_new: int | None, script: str, cove
         return None
     missing = missing_syllables({p.piece for p in base.pieces})
     if num_new is not None and num_new < len(missing):
-        raise TokenizerError(f"--num-new {num_new}: the base lacks {len(missing):,} of the "
+        raise TokenizerError(f"`num_new` {num_new}: the base lacks {len(missing):,} of the "
                              f"{len(KSX1001_SYLLABLES):,} KS X 1001 Hangul syllables, which count towards it; give "
-                             f"--num-new {len(missing)} or more, or --no-syllable-coverage")
+                             f"`num_new` {len(missing)} or more, or `syllable_coverage`=False")
     return missing
 
 
@@ -325,7 +323,7 @@ def read_corpus(files: Sequence[str | Path], progress: bool = False) -> set[str]
     paths = [Path(f) for f in files]
     for path in paths:
         if not path.is_file():
-            raise TokenizerError(f"--train-corpus {path}: no such file")
+            raise TokenizerError(f"`train_corpus` {path}: no such file")
     chars: set[str] = set()
     with tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True, desc="reading corpus",
               disable=not progress) as bar:
@@ -336,10 +334,10 @@ def read_corpus(files: Sequence[str | Path], progress: bool = False) -> set[str]
                         chars.update(line)
                         bar.update(len(line.encode("utf-8")))
                 except UnicodeDecodeError as e:
-                    raise TokenizerError(f"--train-corpus {path}: not UTF-8 text ({e.reason})") from None
+                    raise TokenizerError(f"`train_corpus` {path}: not UTF-8 text ({e.reason})") from None
     chars -= set(" \t\r\n")
     if not chars:
-        raise TokenizerError(f"--train-corpus {' '.join(map(str, files))}: the files hold no text")
+        raise TokenizerError(f"`train_corpus` {' '.join(map(str, files))}: the files hold no text")
     return chars
 
 
@@ -354,7 +352,7 @@ def train_candidates(files: Sequence[str | Path], base: pb.ModelProto, script: s
         try:
             trained = train_bpe([Path(f) for f in files], base, vocab_size, progress)
         except RuntimeError as e:
-            raise TokenizerError(f"--train-corpus: sentencepiece cannot train on these files "
+            raise TokenizerError(f"`train_corpus`: sentencepiece cannot train on these files "
                                  f"({str(e).strip().splitlines()[-1]})") from None
         pieces, counts = select_pieces(base, model_candidates(trained), script, num_new, first)
         if len(pieces) >= num_new:
@@ -363,8 +361,8 @@ def train_candidates(files: Sequence[str | Path], base: pb.ModelProto, script: s
             break
         vocab_size += math.ceil((num_new - len(pieces)) * 1.5) + 100
     after = f" besides the {len(first):,} KS X 1001 syllables added first" if first else ""
-    raise TokenizerError(f"--num-new {num_new}: the training corpus supports only {len(pieces) - len(first)} new "
-                         f"{script} pieces not already in the base{after}; give more text or a smaller --num-new")
+    raise TokenizerError(f"`num_new` {num_new}: the training corpus supports only {len(pieces) - len(first)} new "
+                         f"{script} pieces not already in the base{after}; give more text or a smaller `num_new`")
 
 
 def expand_tokenizer(base: str | Path, out: str | Path, *, merge_model: str | Path | None = None,
@@ -379,27 +377,27 @@ def expand_tokenizer(base: str | Path, out: str | Path, *, merge_model: str | Pa
     with `train_corpus`; after the merged pieces with a merge source, so that these keep the ids of a plain
     append (base size, base size + 1, ... in the source's order; characters they need follow too)."""
     if sum(map(bool, (merge_model, merge_vocab, train_corpus))) != 1:
-        raise TokenizerError("give exactly one of --merge-model, --merge-vocab and --train-corpus")
+        raise TokenizerError("give exactly one of `merge_model`, `merge_vocab` and `train_corpus`")
     if train_corpus and num_new is None:
-        raise TokenizerError("--train-corpus needs --num-new N (how many pieces to add)")
+        raise TokenizerError("`train_corpus` needs `num_new` N (how many pieces to add)")
     if num_new is not None and num_new < 1:
-        raise TokenizerError(f"--num-new {num_new}: must be at least 1")
+        raise TokenizerError(f"`num_new` {num_new}: must be at least 1")
     out = check_out_dir(out)
     base_path = model_path(base)
     proto = load_proto(base)
     base_config = read_base_config(base_path)
     clash = added_tokens_beyond(base_config, len(proto.pieces))
     if clash:
-        raise TokenizerError(f"--base {base}: its {CONFIG_FILE} adds tokens past the SentencePiece vocabulary "
+        raise TokenizerError(f"`base` {base}: its {CONFIG_FILE} adds tokens past the SentencePiece vocabulary "
                              f"({', '.join(clash[:3])}) that new pieces would collide with; expand the plain LLM "
                              "tokenizer and add such tokens afterwards")
-    source_proto = load_proto(merge_model, "--merge-model") if merge_model else None
+    source_proto = load_proto(merge_model, "merge_model") if merge_model else None
     check_base(proto, base, source_is_bpe=model_type(source_proto) == "bpe" if source_proto else not merge_vocab)
     syllables = syllables_to_add(proto, num_new, script, syllable_coverage)
     if source_proto:
         pieces, counts = select_pieces(proto, model_candidates(source_proto), script, num_new,
                                        last=syllables or (), contiguous=True)
-        source = {"kind": "merge_model", "path": str(model_path(merge_model, "--merge-model").absolute()),
+        source = {"kind": "merge_model", "path": str(model_path(merge_model, "merge_model").absolute()),
                   "model_type": model_type(source_proto), "size": len(source_proto.pieces)}
     elif merge_vocab:
         candidates = vocab_candidates(merge_vocab)

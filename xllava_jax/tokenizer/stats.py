@@ -21,7 +21,8 @@ from typing import Any
 import sentencepiece as spm
 from tqdm import tqdm
 
-from xllava_jax.tokenizer.expand import TokenizerError, load_proto
+from xllava_jax.tokenizer.expand import load_proto
+from xllava_jax.tokenizer.runtime import TokenizerError
 from xllava_jax.tokenizer.scripts import SCRIPTS, script_of
 from xllava_jax.tokenizer.syllables import KSX1001_SYLLABLES, syllable_count
 
@@ -31,7 +32,7 @@ BATCH_LINES = 2000
 
 def load_processor(path: str | Path) -> spm.SentencePieceProcessor:
     """A SentencePiece processor for a model file or a directory holding tokenizer.model."""
-    return spm.SentencePieceProcessor(model_proto=load_proto(path, "--tokenizer").SerializeToString())
+    return spm.SentencePieceProcessor(model_proto=load_proto(path, "tokenizer").SerializeToString())
 
 
 def read_lines(path: str | Path) -> list[str]:
@@ -40,11 +41,11 @@ def read_lines(path: str | Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise TokenizerError(f"--text {path}: no such file") from None
+        raise TokenizerError(f"`text` {path}: no such file") from None
     except IsADirectoryError:
-        raise TokenizerError(f"--text {path}: a directory, not a text file") from None
+        raise TokenizerError(f"`text` {path}: a directory, not a text file") from None
     except UnicodeDecodeError as e:
-        raise TokenizerError(f"--text {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise TokenizerError(f"`text` {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     return [line for line in text.splitlines() if line.strip()]
 
 

@@ -21,12 +21,14 @@ from collections import defaultdict
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from xllava_jax import sharding
 from xllava_jax.config import ConfigError, ModelConfig
 from xllava_jax.train.flops import model_flops_per_step
 from xllava_jax.train.setup import check_batch, make_mesh, prepare
+from xllava_jax.train.stage_config import Stage, StageConfig
 
 GIB = 1024**3
 # family: (libtpu topology prefix, chip config, TensorCores per device name unit, grid dims, HBM GiB per chip as
@@ -69,14 +71,14 @@ def parse_topology(name: str) -> Topology:
         shape = TOPOLOGY_SHAPES[dims].get(chips) if units % per_chip == 0 else None
         if shape is None:
             known = ", ".join(f"{m[1]}-{c * per_chip}" for c in TOPOLOGY_SHAPES[dims])
-            raise ConfigError(f"--topology {name}: not a slice size of {m[1]} (known: {known})")
+            raise ConfigError(f"`topology` {name}: not a slice size of {m[1]} (known: {known})")
         return Topology(name, f"{prefix}:{shape}", chip_config, chips, hbm)
     m = re.fullmatch(r"(v5|v4|v5e|v6e):(\d+(?:x\d+)+)", name)
     if m:
         family = {"v5": "v5p"}.get(m[1], m[1])
         prefix, chip_config, _, _, hbm = FAMILIES[family]
         return Topology(name, name, chip_config, math.prod(int(d) for d in m[2].split("x")), hbm)
-    raise ConfigError(f"--topology {name!r}: expected a slice name such as v5p-32, v5e-64, v4-32, v6e-16 "
+    raise ConfigError(f"`topology` {name!r}: expected a slice name such as v5p-32, v5e-64, v4-32, v6e-16 "
                       "(or a libtpu topology such as v5:2x2x4)")
 
 
@@ -90,23 +92,23 @@ def topology_devices(topo: Topology) -> list:
                                             chip_config_name=topo.chip_config)
     except Exception as e:  # noqa: BLE001 - libtpu missing or refusing the name: one line for the user
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise ConfigError(f"--topology {topo.name}: cannot describe {topo.topology} ({reason}); TPU topologies need "
+        raise ConfigError(f"`topology` {topo.name}: cannot describe {topo.topology} ({reason}); TPU topologies need "
                           'libtpu: pip install -e ".[tpu]"') from None
     return list(desc.devices)
 
 
-def abstract_batch(config, cfg: ModelConfig, mesh, rules) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(config: StageConfig, cfg: ModelConfig, mesh, rules) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch of the stage as ShapeDtypeStructs split over the batch axes: packed text rows
     for llm_pretrain, the VIF pipeline's rows (packed or not, data/pipeline.py: batch_shapes) else."""
     b, s = config.train.batch_size, config.data.max_len
-    if config.stage == "llm_pretrain":
+    if config.stage == Stage.LLM_PRETRAIN:
         shapes = {k: ((b, s), np.int32) for k in ("input_ids", "labels", "segment_ids", "positions")}
     else:
         from xllava_jax.data.pipeline import DataError, batch_shapes
-        from xllava_jax.train.trainer import vif_spec
+        from xllava_jax.train.data import vif_spec
 
         try:
-            shapes = batch_shapes(vif_spec(config, cfg, config.tokenizer or config.init), b)
+            shapes = batch_shapes(vif_spec(config.data, cfg, config.tokenizer or config.init), b)
         except DataError as e:
             raise ConfigError(str(e)) from None
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, rules, len(shape)))
@@ -129,7 +131,7 @@ def _itemsize(dtype) -> int:
         return 8
 
 
-def estimate_bytes(config, cfg: ModelConfig, run, mesh, images_per_row: int = 1) -> dict[str, float]:
+def estimate_bytes(config: StageConfig, cfg: ModelConfig, run, mesh, images_per_row: int = 1) -> dict[str, float]:
     """What the step should need per chip: the state (params, optimizer, frozen) as sharded, the
     gradients, the activations remat keeps, one layer's working set in the backward (its weights
     gathered in the compute dtype), and the frozen vision tower's forward."""
@@ -152,7 +154,7 @@ def estimate_bytes(config, cfg: ModelConfig, run, mesh, images_per_row: int = 1)
     if config.train.loss_chunk and ways > 1 and any(p in run.parts for p in ("llm", "embeddings")):
         logits = d * t.vocab_size * 4  # the fused loss's lm_head gradient, summed per batch shard (models/loss.py)
     vision = 0
-    if v is not None and config.stage != "llm_pretrain":
+    if v is not None and config.stage != Stage.LLM_PRETRAIN:
         tokens = rows * images_per_row * (v.num_patches + 1)
         features = rows * images_per_row * cfg.num_image_tokens * d * act * 2
         vision = tokens * (6 * v.hidden_size + 2 * v.intermediate_size) * act + features
@@ -198,9 +200,10 @@ def _exhausted(message: str) -> float | None:
     return float(m[1]) * units[m[2]] if m else None
 
 
-def compile_only(config, topology: str | None = None, log=print) -> dict:
-    """Compile the stage's train step for `topology` (None: the local devices) and report; returns
-    the report (its `fits` says whether the program fits the chip's memory)."""
+def compile_only(config: ml_collections.ConfigDict, topology: str | None = None, log=print) -> dict:
+    """Compile the stage's train step of `config` for `topology` (None: the local devices) and report;
+    returns the report (its `fits` says whether the program fits the chip's memory)."""
+    config = StageConfig.from_config_dict(config)
     topo = parse_topology(topology) if topology else None
     devices = topology_devices(topo) if topo else jax.devices()
     if topo:

@@ -43,23 +43,23 @@ def _parse(raw: str, current, key: str):
             return True
         if raw.lower() in ("false", "0", "no"):
             return False
-        raise ConfigError(f"--config.{key}: expected true or false, got {raw!r}")
+        raise ConfigError(f"`{key}`: expected true or false, got {raw!r}")
     if isinstance(current, int):
         try:
             return int(raw)
         except ValueError:
-            raise ConfigError(f"--config.{key}: expected an integer, got {raw!r}") from None
+            raise ConfigError(f"`{key}`: expected an integer, got {raw!r}") from None
     if isinstance(current, float):
         try:
             return float(raw)
         except ValueError:
-            raise ConfigError(f"--config.{key}: expected a number, got {raw!r}") from None
+            raise ConfigError(f"`{key}`: expected a number, got {raw!r}") from None
     if isinstance(current, str):
         return raw
     try:
         return ast.literal_eval(raw)
     except (ValueError, SyntaxError):
-        raise ConfigError(f"--config.{key}: cannot parse {raw!r}") from None
+        raise ConfigError(f"`{key}`: cannot parse {raw!r}") from None
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
@@ -67,14 +67,14 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise ConfigError(f"--config.{item}: expected --config.KEY=VALUE")
+            raise ConfigError(f"`{item}`: expected KEY=VALUE")
         node = config
         parts = key.split(".")
         for part in parts[:-1]:
             if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-                raise ConfigError(f"--config.{key}: no such key (known: {', '.join(sorted(node.keys()))})")
+                raise ConfigError(f"`{key}`: no such key (known: {', '.join(sorted(node.keys()))})")
             node = node[part]
         if parts[-1] not in node:
-            raise ConfigError(f"--config.{key}: no such key (known: {', '.join(sorted(node.keys()))})")
+            raise ConfigError(f"`{key}`: no such key (known: {', '.join(sorted(node.keys()))})")
         node[parts[-1]] = _parse(raw, node[parts[-1]], key)
     return config

@@ -17,7 +17,7 @@ def parse_trainable(spec: str) -> tuple[str, ...]:
     parts = tuple(p.strip() for p in spec.split(",") if p.strip())
     unknown = sorted(set(parts) - set(PARTS))
     if unknown or not parts:
-        raise ConfigError(f"train.trainable {spec!r}: choose from {', '.join(PARTS)} (comma-separated)")
+        raise ConfigError(f"`train.trainable` {spec!r}: choose from {', '.join(PARTS)} (comma-separated)")
     return parts
 
 
@@ -51,7 +51,7 @@ def lr_schedule(lr: float, steps: int, warmup_ratio: float, kind: str) -> optax.
     if kind == "constant":
         return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
     if kind != "cosine":
-        raise ConfigError(f"train.schedule {kind!r}: choose cosine or constant")
+        raise ConfigError(f"`train.schedule` {kind!r}: choose cosine or constant")
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), end_value=0.0)
 
 

@@ -22,10 +22,11 @@ from xllava_jax.config import ConfigError, ModelConfig
 from xllava_jax.models.vision import VisionTower
 from xllava_jax.models.xllava import XLlava, resolve_kernels
 from xllava_jax.train import optim
+from xllava_jax.train.stage_config import MeshSettings, StageConfig
 from xllava_jax.train.step import make_train_step
 
 
-def mesh_rules(config) -> dict[str, sharding.Rule]:
+def mesh_rules(config: StageConfig) -> dict[str, sharding.Rule]:
     """The logical rules of the run: DEFAULT_RULES with `mesh.rules` overrides applied."""
     try:
         return sharding.make_rules(dict(config.mesh.rules))
@@ -33,7 +34,7 @@ def mesh_rules(config) -> dict[str, sharding.Rule]:
         raise ConfigError(str(e)) from None
 
 
-def make_mesh(mesh_cfg, devices: Sequence | None = None) -> jax.sharding.Mesh:
+def make_mesh(mesh_cfg: MeshSettings, devices: Sequence | None = None) -> jax.sharding.Mesh:
     """('data', 'fsdp', 'tensor') over `devices` (default: all); one size may be -1 for "the rest"."""
     try:
         return sharding.make_mesh([mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor], devices)
@@ -41,24 +42,17 @@ def make_mesh(mesh_cfg, devices: Sequence | None = None) -> jax.sharding.Mesh:
         raise ConfigError(str(e)) from None
 
 
-def check_batch(config, mesh) -> None:
+def check_batch(config: StageConfig, mesh) -> None:
     """The batch and loss settings fit the mesh and the process count (one line naming the keys)."""
     data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.train.batch_size % (data_ways * config.train.grad_accum) or config.train.batch_size % jax.process_count():
-        raise ConfigError(f"train.batch_size {config.train.batch_size} must divide by data x fsdp ({data_ways}) x "
-                          f"grad_accum ({config.train.grad_accum}) and by the process count")
+        raise ConfigError(f"`train.batch_size` {config.train.batch_size} must divide by data x fsdp ({data_ways}) x "
+                          f"`train.grad_accum` ({config.train.grad_accum}) and by the process count")
     if config.train.loss_chunk < 0:
-        raise ConfigError(f"train.loss_chunk must be >= 0 (0: unfused loss), got {config.train.loss_chunk}")
+        raise ConfigError(f"`train.loss_chunk` must be >= 0 (0: unfused loss), got {config.train.loss_chunk}")
 
 
-def tokenizer_path(config) -> str:
-    path = config.tokenizer or config.init
-    if not path:
-        raise ConfigError("no tokenizer: set --config.tokenizer (or --config.init to a checkpoint that has one)")
-    return path
-
-
-def model_config(config, devices: Sequence) -> ModelConfig:
+def model_config(config: StageConfig, devices: Sequence) -> ModelConfig:
     """The model the run trains, without reading any weights: `init`'s config (our checkpoint's
     metadata or a HF config.json) or the preset (vocabulary from the tokenizer, plus one row for the
     image placeholder), with the run's dtype / remat / scan / attention settings, resolved for
@@ -74,7 +68,7 @@ def model_config(config, devices: Sequence) -> ModelConfig:
         else:
             cfg = ModelConfig.preset(m.preset, **overrides)
             if config.tokenizer:
-                from xllava_jax.data.tokenizer import Tokenizer
+                from xllava_jax.tokenizer.runtime import Tokenizer
 
                 size = Tokenizer(config.tokenizer).vocab_size
                 cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=size + 1), image_token_id=size)
@@ -83,15 +77,15 @@ def model_config(config, devices: Sequence) -> ModelConfig:
     return resolve_kernels(cfg, devices)
 
 
-def lora_settings(config):
+def lora_settings(config: StageConfig):
     """The run's LoRA settings (`lora.*`) as a LoraConfig."""
     from xllava_jax.models.lora import LoraConfig
 
     return LoraConfig(r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
-                      targets=tuple(t.strip() for t in config.lora.targets.split(",") if t.strip()))
+                      targets=config.lora.targets)
 
 
-def random_model(cfg: ModelConfig, config) -> XLlava:
+def random_model(cfg: ModelConfig, config: StageConfig) -> XLlava:
     """A random init of `cfg` with the run's LoRA adapters (dropout on): the function that the
     abstract state and the jitted init both trace."""
     model = XLlava(cfg, rngs=nnx.Rngs(config.seed))
@@ -99,7 +93,7 @@ def random_model(cfg: ModelConfig, config) -> XLlava:
     return model
 
 
-def _add_lora(model: XLlava, config) -> None:
+def _add_lora(model: XLlava, config: StageConfig) -> None:
     if config.lora.r > 0:
         from xllava_jax.models.lora import apply_lora
 
@@ -107,7 +101,7 @@ def _add_lora(model: XLlava, config) -> None:
         model.train()  # adapter dropout on (apply_lora leaves it off)
 
 
-def initial_model(config, cfg: ModelConfig, mesh, rules) -> XLlava:
+def initial_model(config: StageConfig, cfg: ModelConfig, mesh, rules) -> XLlava:
     """The model the run starts from, every variable on its shard of `mesh`: `init` read shard by
     shard (plus `init_vision`), or a random init computed under `jit` straight into its shards."""
     if not config.init:
@@ -137,9 +131,9 @@ def replace_vision_tower(model: XLlava, source: str) -> None:
 
     tower = load_pretrained(source, dtype=model.cfg.dtype, param_dtype=model.cfg.param_dtype)
     if not isinstance(tower, VisionTower):
-        raise ConfigError(f"init_vision {source}: not a vision tower checkpoint")
+        raise ConfigError(f"`init_vision` {source}: not a vision tower checkpoint")
     if model.vision_tower is None or tower.cfg != model.cfg.vision:
-        raise ConfigError(f"init_vision {source}: its vision config {tower.cfg} does not match the model's "
+        raise ConfigError(f"`init_vision` {source}: its vision config {tower.cfg} does not match the model's "
                           f"{model.cfg.vision}")
     if model.cfg.scan_layers:  # a lone tower has one module per layer: stack it through a whole model
         holder = XLlava(model.cfg.replace(scan_layers=False), rngs=nnx.Rngs(0))
@@ -176,14 +170,12 @@ def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def prepare(config, mesh, *, abstract: bool = False) -> TrainSetup:
+def prepare(config: StageConfig, mesh, *, abstract: bool = False) -> TrainSetup:
     """Resolve the model for the mesh's devices, build the state (abstract first, then concrete
     unless `abstract`), and jit the step with the state's shardings. Call the step inside
     `jax.set_mesh(mesh)` and `sharding.activation_rules(setup.rules)`. The optimizer state exists
     only for the trainable params and is sharded like them."""
-    parts = optim.parse_trainable(config.train.trainable)
-    if "lora" in parts and config.lora.r <= 0:
-        raise ConfigError("train.trainable names lora but lora.r is 0")
+    parts = config.train.trainable
     optim.lr_schedule(config.train.lr, config.train.steps, config.train.warmup_ratio, config.train.schedule)  # checks
     rules = mesh_rules(config)
     cfg = model_config(config, list(mesh.devices.flat))
@@ -193,7 +185,7 @@ def prepare(config, mesh, *, abstract: bool = False) -> TrainSetup:
         model = initial_model(config, cfg, mesh, rules)
     graphdef, params, frozen, other = nnx.split(model, optim.trainable_filter(parts), nnx.Param, ...)
     if not jax.tree.leaves(params):
-        raise ConfigError(f"train.trainable={config.train.trainable!r} selects no parameter of this model")
+        raise ConfigError(f"`train.trainable`={','.join(parts)!r} selects no parameter of this model")
     tx, schedules = optim.make_optimizer(config.train, params)
     params_sh, frozen_sh, other_sh = (nnx.to_pure_dict(sharding.state_shardings(s, mesh, rules))
                                       for s in (params, frozen, other))

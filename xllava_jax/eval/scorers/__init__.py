@@ -2,7 +2,7 @@
 
 Every scorer takes a `ScoreRequest` and returns one metrics dict with at least `benchmark`, `rules`, `model_id`,
 `questions`, `missing` and `accuracy` (percent, 2 decimals). LLaVA-Bench and K-LLaVA-W are judged by an LLM and
-dispatched by `xllava_jax.eval.score` to `xllava_jax.eval.judge`.
+dispatched by `xllava_jax.eval.cli` to `xllava_jax.eval.judge`.
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ def score(request: ScoreRequest) -> dict:
     if scorer is None:
         raise ScoreError(f"unknown benchmark {request.benchmark!r} (one of {', '.join(SCORERS)})")
     if request.questions is not None and scorer.questions == "unused":
-        raise ScoreError(f"--questions is not read by {request.benchmark} (its gold is on the answer lines"
-                         f"{' or in --annotations' if scorer.annotations != 'unused' else ''})")
+        raise ScoreError(f"`questions` is not read by {request.benchmark} (its gold is on the answer lines"
+                         f"{' or in `annotations`' if scorer.annotations != 'unused' else ''})")
     if request.annotations and scorer.annotations == "unused":
-        raise ScoreError(f"--annotations is not read by {request.benchmark}")
+        raise ScoreError(f"`annotations` is not read by {request.benchmark}")
     if request.rules is not None and not scorer.rules:
-        raise ScoreError(f"--rules applies to {', '.join(korean.BENCHMARKS)} only, not {request.benchmark}")
+        raise ScoreError(f"`rules` applies to {', '.join(korean.BENCHMARKS)} only, not {request.benchmark}")
     return scorer.run(request)

@@ -4,7 +4,8 @@
 added, as for any fresh string); `encode(text, start=False)` tokenises a continuation, so that
 concatenated segments give the ids the whole string would. `encode_llama_slow(text)` follows LLaMA's
 slow (legacy) HF tokenizer: literal `<s>`, `</s>` and `<unk>` become their ids and every text piece
-between them is tokenised as a fresh string.
+between them is tokenised as a fresh string. `TokenizerError` is the error of this module and of the
+vocabulary tools (expand, stats, resize). This module imports no vocabulary tool.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ from pathlib import Path
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from xllava_jax.tokenizer.expand import TokenizerError
+from xllava_jax.errors import UserError
+
+
+class TokenizerError(UserError):
+    """Bad tokenizer input (a missing or unreadable model, a bad flag of the vocabulary tools); the
+    message is one line that says what and where."""
 
 
 def tokenizer_file(path: str | Path) -> Path:
