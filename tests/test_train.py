@@ -230,6 +230,13 @@ def test_bad_config_is_one_line_and_exit_code_2(override, message, corpus, tmp_p
     assert err[0].startswith("xllava: error: ") and message in err[0], err[0]
 
 
+def test_coordinator_without_the_other_process_flags_is_one_line(corpus, tmp_path, capsys):
+    code = cli_main(["train", "--config", VIF, f"--config.tokenizer={corpus['tokenizer']}", "--workdir", str(tmp_path),
+                     "--coordinator", "127.0.0.1:1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["xllava: error: --coordinator needs --num-processes and --process-id"], err
+
+
 # ------------------------------------------------------- 1. frozen parts, per-group learning rates
 def test_learning_rates_per_group_follow_warmup_and_cosine(reference):
     def expected(peak: float, step: int) -> float:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from xllava_jax.config import DTYPES
 from xllava_jax.data import conversation as conv
+from xllava_jax.errors import SettingFlags
 from xllava_jax.infer.chat import COMMANDS, ChatError, ChatSession
 from xllava_jax.infer.engine import MODE_HELP, SYSTEM_HELP, TEMPLATE_HELP, Engine
 from xllava_jax.infer.openai_protocol import Defaults
@@ -164,7 +165,12 @@ def add_serve_parser(subparsers) -> None:
                                      f"${API_KEY_ENV} when set, else none; the variable keeps the key out of ps)")
     add_sampling_flags(p, "--max-tokens")
     add_engine_flags(p)
-    p.set_defaults(run=run_serve)
+    p.set_defaults(run=run_serve, flags=SERVE_FLAGS)
+
+
+# The settings serve's checks name, as its flags.
+SERVE_FLAGS = SettingFlags({"max_batch": "--max-batch", "batch_wait_ms": "--batch-wait-ms",
+                            "request_timeout": "--request-timeout", "api_key": "--api-key"})
 
 
 def _interrupt(signum, frame) -> None:

@@ -44,15 +44,15 @@ def check_settings(image_root: str | Path | None, max_batch: int, batch_wait_ms:
                    request_timeout: float = REQUEST_TIMEOUT_S, api_key: str | None = None) -> None:
     """Raise ServeError for server settings that cannot work (never echoing the API key)."""
     if max_batch < 1:
-        raise ServeError(f"--max-batch must be at least 1, got {max_batch}")
+        raise ServeError(f"`max_batch` must be at least 1, got {max_batch}")
     if batch_wait_ms < 0:
-        raise ServeError(f"--batch-wait-ms must be >= 0, got {batch_wait_ms}")
+        raise ServeError(f"`batch_wait_ms` must be >= 0, got {batch_wait_ms}")
     if max_body_bytes < 1:
         raise ServeError(f"the request body limit must be positive, got {max_body_bytes} bytes")
     if not (request_timeout > 0 and math.isfinite(request_timeout)):
-        raise ServeError(f"--request-timeout must be a positive number of seconds, got {request_timeout}")
+        raise ServeError(f"`request_timeout` must be a positive number of seconds, got {request_timeout}")
     if api_key is not None and not (api_key.isascii() and api_key.isprintable() and api_key and " " not in api_key):
-        raise ServeError(f"the API key (--api-key or ${API_KEY_ENV}) must be non-empty printable ASCII without spaces")
+        raise ServeError(f"the API key (`api_key` or ${API_KEY_ENV}) must be non-empty printable ASCII without spaces")
     if image_root is not None and not Path(image_root).is_dir():
         raise ServeError(f"{image_root}: the image root is not a directory")
 

@@ -7,13 +7,15 @@ import os
 
 import jax
 
+from xllava_jax.errors import UserError
+
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> None:
     """Join the process group when there is one; a single plain process does nothing."""
     if coordinator:
         if num_processes is None or process_id is None:
-            raise ValueError("--coordinator needs --num-processes and --process-id")
+            raise UserError("`coordinator` needs `num_processes` and `process_id`")
         # CPU processes need a collectives backend; GPUs and TPUs ignore this setting.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
