@@ -118,6 +118,7 @@ class Demo:
         self.vision = self.out / "shared" / "vision_tower"
         self.timings: dict[str, float] = {}
         self.matmul_gflops: float | None = None
+        self._short_rows: dict[str, int] = {}  # variant name -> the short-question stages' row length
 
     # ------------------------------------------------------------------------------ shared steps
     def timed(self, name: str, work: Callable[[], object]) -> None:
@@ -256,8 +257,10 @@ class Demo:
         if stage in SHORT_STAGES:
             # Rows as long as the longest short question under this variant's tokenizer (the last short stage's
             # corpus holds every kind), the same for both stages: one compiled step serves them.
-            widest = apply_overrides(copy.deepcopy(cfg), [f"data.corpus={self._vif_corpus(variant, SHORT_LAST)}"])
-            cfg = apply_overrides(cfg, [f"data.max_len={-(-self._longest_sample(widest) // 4) * 4}"])
+            if variant.name not in self._short_rows:
+                widest = apply_overrides(copy.deepcopy(cfg), [f"data.corpus={self._vif_corpus(variant, SHORT_LAST)}"])
+                self._short_rows[variant.name] = -(-self._longest_sample(widest) // 4) * 4
+            cfg = apply_overrides(cfg, [f"data.max_len={self._short_rows[variant.name]}"])
         return cfg
 
     @staticmethod

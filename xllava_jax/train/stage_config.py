@@ -214,8 +214,5 @@ class StageConfig:
         return path
 
 
-# The keys outside any section (`tokenizer`, `init`, ...): those a message names without a dot.
-TOP_LEVEL_KEYS = frozenset(name for name, kind in typing.get_type_hints(StageConfig).items()
-                           if not dataclasses.is_dataclass(kind))
 # Every key outside the sections and every section's name: what `--config.KEY` may start with.
 CONFIG_KEYS = frozenset(field.name for field in dataclasses.fields(StageConfig))
