@@ -41,6 +41,7 @@ def base(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.data.pack = False      # align / vif: several conversations per row of max_len (segment ids, image slots)
     c.data.images_per_row = 0  # packed rows' image slots (0: max_len // (image tokens + 64))
     c.data.pack_window = 128   # records packed together, first-fit decreasing (each held with its pixels)
+    c.data.image_cache_mb = 256  # resized images kept per reader process (0: none); pays when records share images
     c.data.strict = False
     c.data.num_workers = 0
 

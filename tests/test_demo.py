@@ -23,7 +23,7 @@ from xllava_jax.demo.vision import hard_negatives
 from xllava_jax.eval.questions import read_questions
 from xllava_jax.models.vision import VisionTower
 from xllava_jax.models.xllava import XLlava
-from xllava_jax.train.contrastive import ContrastiveConfig, pretrain_vision_tower
+from xllava_jax.train.contrastive import ContrastiveConfig, ContrastiveModel, pack_captions, pretrain_vision_tower
 from xllava_jax.train.setup import replace_vision_tower
 
 SMALL_VISION = VisionConfig(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -80,6 +80,30 @@ def test_contrastive_pretraining_learns_to_match_images_and_captions():
     assert np.mean([h["i2t_acc"] for h in last]) > 0.5
     with pytest.raises(ValueError, match="64 images but 3 captions"):
         pretrain_vision_tower(images, captions[:3], 32, SMALL_VISION, cfg)
+
+
+def test_packed_captions_embed_as_if_each_were_alone():
+    """Several captions share a text row, each attending to itself with its own positions and pooled over its own
+    tokens: its embedding equals the one it gets alone in a row (captions longer than max_text_len are cut)."""
+    rng = np.random.default_rng(1)
+    captions = [rng.integers(1, 40, int(n)).tolist() for n in rng.integers(1, 15, 37)] + [list(range(1, 20))]
+    cfg = ContrastiveConfig(text_layers=2, embed_dim=16, max_text_len=12, text_row=24)
+    text = pack_captions(captions, cfg.text_row, cfg.max_text_len)
+    rows, width = text.ids.shape
+    assert width == 24 and rows % 8 == 0 and rows < len(captions) / 2  # 38 captions, two or more to a row
+    for i, caption in enumerate(captions):
+        where = np.argwhere(text.owner == i)
+        assert len(set(where[:, 0])) == 1 and len(where) == min(len(caption), 12)  # whole, in one row, cut to 12
+        assert text.ids[text.owner == i].tolist() == caption[:12]
+        assert text.positions[text.owner == i].tolist() == list(range(len(where)))
+    model = ContrastiveModel(SMALL_VISION, 40, cfg, nnx.Rngs(0))
+    together = np.asarray(model.text_embeds(text, len(captions)))
+    alone = np.concatenate([np.asarray(model.text_embeds(pack_captions([c], cfg.text_row, cfg.max_text_len), 1))
+                            for c in captions])
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-5)
+    assert np.abs(together[:-1] - together[1:]).max() > 1e-2  # the captions do differ
+    with pytest.raises(ValueError, match="text_row"):
+        ContrastiveConfig(max_text_len=48, text_row=32)
 
 
 def test_init_vision_puts_a_trained_tower_over_the_model(tmp_path):

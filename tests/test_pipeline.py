@@ -1,5 +1,6 @@
 """The grain VIF pipeline: shapes, labels, images, bad records, process shards, exact resume."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 from data_fixtures import assert_restores_exactly, make_vif_corpus, train_tokenizer
 
 from xllava_jax.constants import IGNORE_INDEX
+from xllava_jax.data import pipeline
 from xllava_jax.data.images import ImageConfig, preprocess
 from xllava_jax.data.pipeline import DataError, VifSpec, encode_record, fit_length, load_records, vif_dataset
 
@@ -129,3 +131,58 @@ def test_truncation_that_leaves_no_answer_is_reported(setup, caplog):
     batch = next(iter(vif_dataset([record], short, batch_size=1, num_epochs=1)))
     assert batch["skipped"].tolist() == [1] and (batch["labels"] == IGNORE_INDEX).all()
     assert "no answer token within max_len" in caplog.text
+
+
+def _pixel_rows(records, spec, epochs):
+    """Every example's (input ids, pixels, skipped), in order, over `epochs` epochs (one reader thread: two
+    threads may both decode an image neither finds cached)."""
+    rows = []
+    for batch in vif_dataset(records, spec, batch_size=4, seed=2, num_epochs=epochs, read_threads=1):
+        for i in range(len(batch["input_ids"])):
+            rows.append((batch["input_ids"][i].tobytes(), batch["pixel_values"][i].tobytes(), int(batch["skipped"][i])))
+    return rows
+
+
+def test_image_cache_decodes_each_image_once_and_changes_nothing(setup, tmp_path, monkeypatch):
+    _, corpus, root, spec = setup
+    lines = corpus.read_text().splitlines()
+    gone = json.loads(next(line for line in lines if json.loads(line).get("image")))
+    gone["image"] = "missing.png"
+    mixed = tmp_path / "mixed.jsonl"
+    shared = [line for line in lines if json.loads(line).get("image")][:4]  # a second question on four images
+    mixed.write_text("\n".join(lines + shared + [json.dumps(gone)]) + "\n")
+    records, _ = load_records([mixed])
+    loads = []
+    real = pipeline.resize_crop
+    monkeypatch.setattr(pipeline, "resize_crop", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    monkeypatch.setattr(pipeline, "_IMAGES", pipeline.ImageCache())
+    uncached = _pixel_rows(records, dataclasses.replace(spec, image_cache_mb=0), epochs=2)
+    with_image = sum(bool((np.frombuffer(ids, np.int32) == IMG_ID).any()) and not skipped
+                     for ids, _, skipped in uncached)
+    assert len(loads) == with_image > len(set(loads))  # without the cache: once per example
+    decoded = set(loads)
+    loads.clear()
+    cached = _pixel_rows(records, spec, epochs=2)
+    assert cached == uncached  # bit for bit, the missing image still skipped (in both epochs)
+    assert sum(skipped for *_, skipped in cached) == 2
+    assert sorted(loads) == sorted(decoded)  # once per image
+    assert len(pipeline._IMAGES) == len(decoded) + 1  # and the missing image's reason
+
+
+def test_image_cache_drops_the_least_recently_used_past_its_limit():
+    cache, calls = pipeline.ImageCache(), []
+
+    def load(key, size):
+        return lambda: calls.append(key) or (np.zeros(size, np.uint8), None)
+
+    for key in ("a", "b", "a", "c"):  # room for two 400-byte images: "c" pushes out "b", the least recently used
+        cache.get(key, 1000, load(key, 400))
+    assert calls == ["a", "b", "c"] and len(cache) == 2
+    cache.get("a", 1000, load("a", 400))
+    cache.get("b", 1000, load("b", 400))
+    assert calls == ["a", "b", "c", "b"]
+    cache.get("big", 1000, load("big", 2000))  # larger than the whole limit: returned, not kept
+    assert len(cache) == 2 and cache.get("big", 1000, load("big", 2000))[0].nbytes == 2000
+    assert calls[-2:] == ["big", "big"]
+    with pytest.raises(DataError, match="image_cache_mb"):
+        VifSpec(tokenizer="t", num_image_tokens=1, image_token_id=0, image_cache_mb=-1)

@@ -203,7 +203,13 @@ def preprocess(source: ImageSource, cfg: ImageConfig, name: str | None = None) -
 
     Equal to `CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s})`
     (after `expand2square` for `pad`), transposed to channels last. Errors as in `load_image`.
+    The two halves, `resize_crop` and `normalise`, let a caller keep the small uint8 image.
     """
+    return normalise(resize_crop(source, cfg, name), cfg)
+
+
+def resize_crop(source: ImageSource, cfg: ImageConfig, name: str | None = None) -> np.ndarray:
+    """`preprocess` up to the normalisation: `uint8[cfg.size, cfg.size, 3]` (padded or cropped, resized)."""
     image = load_image(source, name)
     size = cfg.size
     if cfg.aspect == "pad":
@@ -220,9 +226,13 @@ def preprocess(source: ImageSource, cfg: ImageConfig, name: str | None = None) -
                              f"{target[0]}x{target[1]}, over PIL's decompression-bomb limit; use aspect 'pad'")
     image = image.resize(target, Image.Resampling.BICUBIC)
     left, top = (target[0] - size) // 2, (target[1] - size) // 2
-    pixels = np.asarray(image)[top : top + size, left : left + size]
+    return np.asarray(image)[top : top + size, left : left + size]
+
+
+def normalise(pixels: np.ndarray, cfg: ImageConfig) -> np.ndarray:
+    """`uint8[H, W, 3]` -> `float32[H, W, 3]`: HF's rescale and normalize with `cfg`'s mean and std."""
     table = _normalise_table(cfg.mean, cfg.std)
-    out = np.empty((size, size, 3), np.float32)
+    out = np.empty(pixels.shape, np.float32)
     for channel in range(3):  # one 1-D gather per channel: ~3x faster than a 2-D fancy index
         out[..., channel] = table[channel][pixels[..., channel]]
     return out

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,7 @@ import numpy as np
 
 from xllava_jax.constants import IGNORE_INDEX
 from xllava_jax.data import conversation as conv
-from xllava_jax.data.images import ImageConfig, ImageError, preprocess
+from xllava_jax.data.images import ImageConfig, ImageError, normalise, resize_crop
 from xllava_jax.data.packing import PackVif, default_images_per_row
 from xllava_jax.data.vif import Problem, image_problem, read_corpus, resolve_image
 from xllava_jax.errors import UserError
@@ -59,6 +61,7 @@ class VifSpec:
     pack: bool = False          # several conversations per row (segment ids, positions, image slots)
     images_per_row: int = 0     # packed rows' image slots (0: max_len // (num_image_tokens + 64))
     pack_window: int = 128      # examples packed together (first-fit decreasing); each holds its pixels
+    image_cache_mb: int = 256   # resized images kept per process (ImageCache; 0: none)
 
     def __post_init__(self):
         if self.overflow not in OVERFLOW:
@@ -73,6 +76,8 @@ class VifSpec:
         if self.images_per_row < 0 or self.pack_window < 1:
             raise DataError(f"images_per_row must be >= 0 (0: automatic) and pack_window >= 1, got "
                             f"{self.images_per_row} and {self.pack_window}")
+        if self.image_cache_mb < 0:
+            raise DataError(f"image_cache_mb must be >= 0 (0: no cache), got {self.image_cache_mb}")
 
     @property
     def image_slots(self) -> int:
@@ -140,6 +145,58 @@ def _skip(record: dict, reason: str, spec: VifSpec):
     log.warning("skipping %s: %s", where, reason)
 
 
+def _resized(source, cfg: ImageConfig, name: str) -> tuple[np.ndarray | None, str | None]:
+    """(uint8 pixels, None) for a usable image, else (None, why not)."""
+    try:
+        return resize_crop(source, cfg, name=name), None
+    except ImageError as e:
+        return None, f"image {e}"
+
+
+def _resized_file(image_root: str | None, relpath: str, cfg: ImageConfig) -> tuple[np.ndarray | None, str | None]:
+    """`_resized` for the file `relpath` names under `image_root` (a path escaping the root is a reason too)."""
+    reason = image_problem(image_root, relpath, decode=False)
+    return (None, reason) if reason else _resized(resolve_image(image_root, relpath), cfg, relpath)
+
+
+class ImageCache:
+    """Resized uint8 images (or why an image cannot be used) by file, the least recently used dropped once the
+    pixels held pass the limit; one per process, shared by its reader threads. A corpus whose records share
+    images (many questions per image, or epochs over a few thousand images) then decodes and resizes each image
+    once per process rather than once per record; a file changed on disk during the run keeps its first read."""
+
+    def __init__(self):
+        self._items: OrderedDict = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, limit: int, load) -> tuple[np.ndarray | None, str | None]:
+        """The value cached for `key`, else `load()`'s, kept while the cache holds at most `limit` bytes."""
+        if limit <= 0:
+            return load()
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = load()  # outside the lock: threads decode in parallel (two may load one image; both agree)
+        size = _REASON_BYTES if value[0] is None else value[0].nbytes
+        with self._lock:
+            if key not in self._items and size <= limit:
+                self._items[key] = value
+                self._bytes += size
+                while self._bytes > limit:
+                    _, (old, _) = self._items.popitem(last=False)
+                    self._bytes -= _REASON_BYTES if old is None else old.nbytes
+        return value
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+_REASON_BYTES = 256  # what a cached reason counts for against the limit
+_IMAGES = ImageCache()
+
+
 @dataclass(frozen=True)
 class EncodeVif(grain.transforms.Map):
     """A raw record -> a fixed-shape example (see `_example`). The image comes from `image_bytes`
@@ -152,16 +209,15 @@ class EncodeVif(grain.transforms.Map):
         enc = encode_record(record, spec)
         pixels, reason = _blank(spec), None
         if record.get("image") is not None:
-            source = record.get("image_bytes")
-            if source is None:
-                reason = image_problem(spec.image_root, record["image"], decode=False)
-                source = None if reason else resolve_image(spec.image_root, record["image"])
+            cfg = ImageConfig.for_vision(spec.image_size, spec.aspect)
+            if record.get("image_bytes") is not None:
+                resized, reason = _resized(record["image_bytes"], cfg, record["image"])
+            else:
+                key = (spec.image_root, record["image"], cfg.size, cfg.aspect)
+                resized, reason = _IMAGES.get(key, spec.image_cache_mb << 20,
+                                              lambda: _resized_file(spec.image_root, record["image"], cfg))
             if reason is None:
-                try:
-                    cfg = ImageConfig.for_vision(spec.image_size, spec.aspect)
-                    pixels = preprocess(source, cfg, name=record["image"])
-                except ImageError as e:
-                    reason = f"image {e}"
+                pixels = normalise(resized, cfg)
         ids, labels, overflow = fit_length(enc.input_ids, enc.labels, spec)
         reason = reason or overflow
         if reason is not None:
@@ -181,11 +237,10 @@ class DecodeBuilt(grain.transforms.Map):
         record, image_bytes = unpack_built(raw)
         pixels, reason = _blank(spec), None
         if image_bytes:
-            try:
-                pixels = preprocess(image_bytes, ImageConfig.for_vision(spec.image_size, spec.aspect),
-                                    name=record.get("image"))
-            except ImageError as e:
-                reason = f"image {e}"
+            cfg = ImageConfig.for_vision(spec.image_size, spec.aspect)
+            resized, reason = _resized(image_bytes, cfg, record.get("image"))
+            if reason is None:
+                pixels = normalise(resized, cfg)
         ids, labels, overflow = fit_length(record["input_ids"], record["labels"], spec)
         reason = reason or overflow
         if reason is not None:

@@ -20,7 +20,8 @@ def vif_spec(data: DataSettings, model_cfg: ModelConfig, tokenizer: str):
                    system=data.system_prompt, image_root=data.image_root or None,
                    image_size=model_cfg.vision.image_size, aspect=data.aspect, max_len=data.max_len,
                    overflow=data.overflow, strict=data.strict, pack=data.pack,
-                   images_per_row=data.images_per_row, pack_window=data.pack_window)
+                   images_per_row=data.images_per_row, pack_window=data.pack_window,
+                   image_cache_mb=data.image_cache_mb)
 
 
 def make_data(config: StageConfig, model_cfg: ModelConfig, local_batch: int):

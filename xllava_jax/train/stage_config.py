@@ -120,6 +120,7 @@ class DataSettings:
     pack: bool
     images_per_row: int
     pack_window: int
+    image_cache_mb: int
     strict: bool
     num_workers: int
 
