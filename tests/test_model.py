@@ -93,7 +93,8 @@ def test_bfloat16_compute_and_params():
 
 def test_single_row_matmul_split_over_the_cores_gives_the_dot_and_its_gradients():
     """The CPU matmul of one row (a batch-1 decode step) runs as row blocks of the kernel, partial
-    sums added (ops._dot_cpu): the same value and gradients as jnp.dot, in float32 and bfloat16."""
+    sums added (ops._dot_cpu): the same value and gradients as jnp.dot, in float32 and bfloat16; its
+    kernel gradient transposes the narrower operand."""
     from xllava_jax.models import ops
 
     rng = np.random.default_rng(0)
@@ -111,6 +112,15 @@ def test_single_row_matmul_split_over_the_cores_gives_the_dot_and_its_gradients(
              for shape, k in (((1, 1, 512), (512, 384)), ((2, 512), (512, 384)), ((1, 510), (510, 384)),
                               ((1, 512), (512, 8192)))}
     assert split == {(1, 1, 512): True, (2, 512): False, (1, 510): False, (1, 512): False}, split
+    # the kernel gradient x^T g over the tokens copies the narrower operand transposed: the activations of an up
+    # projection, the output gradient of a down projection (whose wide input XLA would recompute in a slow loop)
+    for k, n in ((128, 512), (512, 128)):
+        x2 = jnp.asarray(rng.standard_normal((64, k), dtype=np.float32))
+        g2 = jnp.asarray(rng.standard_normal((64, n), dtype=np.float32))
+        np.testing.assert_allclose(np.asarray(ops._token_contraction(x2, g2)),
+                                   np.asarray(x2, np.float64).T @ np.asarray(g2, np.float64), rtol=1e-4, atol=1e-4)
+        eqns = jax.make_jaxpr(ops._token_contraction)(x2, g2).eqns
+        assert [e.invars[0].aval.shape for e in eqns if e.primitive.name == "transpose"][0] == (64, 128), (k, n)
     x16, k16 = jnp.ones((1, 1, 512), jnp.bfloat16) * 0.5, kernel.astype(jnp.bfloat16)
     got = ops.matmul(x16, k16, "cpu")
     assert got.dtype == jnp.bfloat16

@@ -81,12 +81,22 @@ def _matmul_cpu_fwd(x, kernel):
 def _matmul_cpu_bwd(residuals, g):
     x, kernel = residuals
     dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
-    # dkernel = x^T @ g contracts the token axis, the major axis of both operands; the barrier pins a
-    # transposed copy of the activations (usually the smaller operand) so that XLA:CPU does not
-    # transpose the output gradient itself, and the dot runs in the library path.
     x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    dkernel = jnp.dot(jax.lax.optimization_barrier(x2.T), g2)
+    dkernel = _token_contraction(x2, g2)
     return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+def _token_contraction(x2: jax.Array, g2: jax.Array) -> jax.Array:
+    """x2^T @ g2 for x2 float[M, K], g2 float[M, N] (M tokens): float[K, N].
+
+    The contraction runs over the token axis, the major axis of both operands, so one of them is copied
+    transposed for the library dot: the narrower one (M x min(K, N) values; the barrier keeps XLA:CPU from
+    folding the transpose into the dot and transposing the other), and when that is the gradient, the small
+    [N, K] product is transposed back. A down projection's input is the wide one (K = the MLP width, N =
+    the model width): XLA fuses the activation that made it into its transposed copy, a slow loop."""
+    if x2.shape[1] <= g2.shape[1]:
+        return jnp.dot(jax.lax.optimization_barrier(x2.T), g2)
+    return jnp.dot(jax.lax.optimization_barrier(g2.T), x2).T
 
 
 _matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
@@ -94,8 +104,8 @@ _matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
 
 def matmul(x: jax.Array, kernel: jax.Array, platform: str = "") -> jax.Array:
     """x float[..., K] @ kernel float[K, N] -> float[..., N], with `jnp.dot`'s value and gradients;
-    on a CPU target through `_matmul_cpu` (single rows split over the cores, a backward that keeps
-    XLA from transposing large gradients)."""
+    on a CPU target through `_matmul_cpu` (single rows split over the cores, a kernel gradient that
+    transposes the narrower of its operands)."""
     return _matmul_cpu(x, kernel) if platform == "cpu" else jnp.dot(x, kernel)
 
 
