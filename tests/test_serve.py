@@ -66,6 +66,7 @@ def env(tmp_path_factory):
     thread.start()
     client = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0, timeout=120)
     yield SimpleNamespace(server=server, client=client, engine=engine, root=root, images=images, ckpt=ckpt)
+    client.close()  # its idle keep-alive connections would otherwise time out in a later test, logging to stderr
     server.shutdown()
     server.server_close()
     thread.join()
@@ -80,6 +81,7 @@ def guarded(env):
     client = openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0, timeout=120,
                            default_headers={"Connection": "close"})
     yield SimpleNamespace(server=server, client=client)
+    client.close()
     server.shutdown()
     server.server_close()
     thread.join()
@@ -277,8 +279,8 @@ def test_health_and_an_api_key_on_every_other_route(env, guarded):
         body = json.load(err.value)
         assert (err.value.code, err.value.headers["WWW-Authenticate"]) == (401, "Bearer")
         assert body["error"]["code"] == "invalid_api_key" and "wrong" not in json.dumps(body)
-    wrong = openai.OpenAI(base_url=guarded.server.url, api_key="wrong-key", max_retries=0, timeout=60)
-    with pytest.raises(openai.AuthenticationError) as err:
+    with openai.OpenAI(base_url=guarded.server.url, api_key="wrong-key", max_retries=0, timeout=60) as wrong, \
+            pytest.raises(openai.AuthenticationError) as err:
         wrong.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], **GREEDY)
     assert err.value.code == "invalid_api_key"
     assert [m.id for m in guarded.client.models.list().data] == ["tiny"]

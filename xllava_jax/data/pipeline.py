@@ -179,21 +179,23 @@ class ImageCache:
                 self._items.move_to_end(key)
                 return self._items[key]
         value = load()  # outside the lock: threads decode in parallel (two may load one image; both agree)
-        size = _REASON_BYTES if value[0] is None else value[0].nbytes
         with self._lock:
-            if key not in self._items and size <= limit:
+            if key not in self._items and _cost(value) <= limit:
                 self._items[key] = value
-                self._bytes += size
+                self._bytes += _cost(value)
                 while self._bytes > limit:
-                    _, (old, _) = self._items.popitem(last=False)
-                    self._bytes -= _REASON_BYTES if old is None else old.nbytes
+                    self._bytes -= _cost(self._items.popitem(last=False)[1])
         return value
 
     def __len__(self) -> int:
         return len(self._items)
 
 
-_REASON_BYTES = 256  # what a cached reason counts for against the limit
+def _cost(value: tuple[np.ndarray | None, str | None]) -> int:
+    """Bytes an ImageCache entry counts for against the limit: its pixels, or 256 for a reason."""
+    return 256 if value[0] is None else value[0].nbytes
+
+
 _IMAGES = ImageCache()
 
 
