@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from xllava_jax.errors import UserError, spell_flags
+from xllava_jax.hostmem import tune_malloc_for_xla_cpu
 from xllava_jax.train.cli import CONFIG_PREFIX
 
 
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    tune_malloc_for_xla_cpu()  # before XLA's threads first allocate
     argv = list(sys.argv[1:] if argv is None else argv)
     # `--config.KEY=VALUE` (any config key of `xllava train`) is no flag argparse knows: taken out here and
     # handed to the command as args.config_overrides.

@@ -1,0 +1,68 @@
+"""The glibc malloc settings `xllava` applies on CPU-only hosts (xllava_jax/hostmem.py)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from xllava_jax import cli
+from xllava_jax.hostmem import cpu_only, user_set_malloc
+
+# Runs one jitted function with a 128 MiB output 14 times and prints the page faults per run over the last 8 (the
+# first few grow the heap). Without the settings XLA's worker thread maps that block fresh every time and the
+# kernel faults in all its 32,768 pages.
+FAULTS = """
+import json, resource
+from xllava_jax.hostmem import tune_malloc_for_xla_cpu
+applied = tune_malloc_for_xla_cpu()
+import jax, jax.numpy as jnp
+x = jnp.ones((32 * 1024 * 1024,), jnp.float32)
+double = jax.jit(lambda v: v * 2.0)
+for run in range(14):
+    if run == 6:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    y = double(x)
+    y.block_until_ready()
+    del y
+per_run = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 8
+print(json.dumps({"applied": applied, "faults_per_run": per_run}))
+"""
+
+
+def _faults(**env_changes):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="", **env_changes)
+    done = subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_tuned_process_reuses_xla_cpu_blocks_instead_of_faulting_them_in_again():
+    tuned = _faults()
+    assert tuned["applied"]
+    untouched = _faults(MALLOC_ARENA_MAX="8")  # the user's own setting wins: nothing applied
+    assert not untouched["applied"]
+    assert untouched["faults_per_run"] > 20_000  # the 128 MiB output mapped and faulted in on every run
+    assert tuned["faults_per_run"] < untouched["faults_per_run"] / 10
+
+
+def test_only_cpu_only_processes_without_malloc_settings_are_tuned():
+    assert cpu_only({"JAX_PLATFORMS": "cpu"})
+    assert not cpu_only({"JAX_PLATFORMS": "cuda,cpu"})
+    assert not cpu_only({"JAX_PLATFORMS": "tpu"})
+    assert user_set_malloc({"MALLOC_ARENA_MAX": "4"})
+    assert user_set_malloc({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert user_set_malloc({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"})
+    assert not user_set_malloc({"LD_PRELOAD": "/usr/lib/libfoo.so", "PATH": "/bin"})
+
+
+def test_xllava_tunes_malloc_before_anything_else(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "tune_malloc_for_xla_cpu", lambda: calls.append("tune"))
+    monkeypatch.setattr(cli, "build_parser", lambda: calls.append("parse") or cli.argparse.ArgumentParser())
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert calls[:2] == ["tune", "parse"]
