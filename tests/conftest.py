@@ -4,10 +4,6 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu, when installed for the TPU compile tests, stays quiet
 
-from xllava_jax.hostmem import tune_malloc_for_xla_cpu  # noqa: E402
-
-tune_malloc_for_xla_cpu()  # as `xllava` does, before XLA's threads first allocate
-
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")

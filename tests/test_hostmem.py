@@ -59,10 +59,11 @@ def test_only_cpu_only_processes_without_malloc_settings_are_tuned():
     assert not user_set_malloc({"LD_PRELOAD": "/usr/lib/libfoo.so", "PATH": "/bin"})
 
 
-def test_xllava_tunes_malloc_before_anything_else(monkeypatch):
+@pytest.mark.parametrize("command,tuned", [("train", True), ("demo", True), ("eval", False), ("convert", False)])
+def test_xllava_tunes_malloc_first_for_the_step_commands_alone(monkeypatch, command, tuned):
     calls = []
     monkeypatch.setattr(cli, "tune_malloc_for_xla_cpu", lambda: calls.append("tune"))
     monkeypatch.setattr(cli, "build_parser", lambda: calls.append("parse") or cli.argparse.ArgumentParser())
     with pytest.raises(SystemExit):
-        cli.main(["--help"])
-    assert calls[:2] == ["tune", "parse"]
+        cli.main([command, "--help"])
+    assert calls[:2] == (["tune", "parse"] if tuned else ["parse"])

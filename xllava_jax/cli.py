@@ -16,6 +16,10 @@ from xllava_jax.errors import UserError, spell_flags
 from xllava_jax.hostmem import tune_malloc_for_xla_cpu
 from xllava_jax.train.cli import CONFIG_PREFIX
 
+# The commands whose time goes into many executions of one compiled step: they trade slower compiles for faster
+# steps (xllava_jax/hostmem.py).
+STEP_COMMANDS = ("train", "demo")
+
 
 def registrations() -> tuple[Callable, ...]:
     """The `add_<command>_parser` functions, in the order `xllava --help` lists the commands."""
@@ -41,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    tune_malloc_for_xla_cpu()  # before XLA's threads first allocate
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] and argv[0] in STEP_COMMANDS:
+        tune_malloc_for_xla_cpu()  # before XLA's threads first allocate
     # `--config.KEY=VALUE` (any config key of `xllava train`) is no flag argparse knows: taken out here and
     # handed to the command as args.config_overrides.
     overrides = [a[len(CONFIG_PREFIX):] for a in argv if a.startswith(CONFIG_PREFIX)]
