@@ -59,11 +59,31 @@ def test_only_cpu_only_processes_without_malloc_settings_are_tuned():
     assert not user_set_malloc({"LD_PRELOAD": "/usr/lib/libfoo.so", "PATH": "/bin"})
 
 
-@pytest.mark.parametrize("command,tuned", [("train", True), ("demo", True), ("eval", False), ("convert", False)])
-def test_xllava_tunes_malloc_first_for_the_step_commands_alone(monkeypatch, command, tuned):
+@pytest.mark.parametrize("argv,tuned", [(["train"], True), (["demo"], True), (["train", "--compile-only"], False),
+                                        (["eval"], False)])
+def test_xllava_tunes_malloc_before_running_the_step_commands_alone(monkeypatch, argv, tuned):
     calls = []
+
+    def parser():
+        p = cli.argparse.ArgumentParser()
+        sub = p.add_subparsers(dest="command")
+        for name in ("train", "demo", "eval"):
+            command = sub.add_parser(name)
+            command.add_argument("--compile-only", action="store_true")
+            command.set_defaults(run=lambda args: calls.append("run"))
+        return p
+
     monkeypatch.setattr(cli, "tune_malloc_for_xla_cpu", lambda: calls.append("tune"))
-    monkeypatch.setattr(cli, "build_parser", lambda: calls.append("parse") or cli.argparse.ArgumentParser())
-    with pytest.raises(SystemExit):
-        cli.main([command, "--help"])
-    assert calls[:2] == (["tune", "parse"] if tuned else ["parse"])
+    monkeypatch.setattr(cli, "build_parser", parser)
+    assert cli.main(argv) == 0
+    assert calls == (["tune", "run"] if tuned else ["run"])
+
+
+def test_parsing_a_command_line_starts_no_xla_backend():
+    # `main` tunes malloc after parsing; that only works while XLA's threads do not exist yet.
+    script = ("import jax._src.xla_bridge as xb\nfrom xllava_jax import cli\n"
+              "cli.build_parser().parse_args(['train', '--config', 'configs/vif.py:demo', '--workdir', 'w'])\n"
+              "cli.build_parser().parse_args(['demo', '--out', 'd'])\nprint(xb.backends_are_initialized())")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

@@ -17,7 +17,7 @@ from xllava_jax.hostmem import tune_malloc_for_xla_cpu
 from xllava_jax.train.cli import CONFIG_PREFIX
 
 # The commands whose time goes into many executions of one compiled step: they trade slower compiles for faster
-# steps (xllava_jax/hostmem.py).
+# steps (xllava_jax/hostmem.py); `train --compile-only` runs none.
 STEP_COMMANDS = ("train", "demo")
 
 
@@ -46,13 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] and argv[0] in STEP_COMMANDS:
-        tune_malloc_for_xla_cpu()  # before XLA's threads first allocate
     # `--config.KEY=VALUE` (any config key of `xllava train`) is no flag argparse knows: taken out here and
     # handed to the command as args.config_overrides.
     overrides = [a[len(CONFIG_PREFIX):] for a in argv if a.startswith(CONFIG_PREFIX)]
     args = build_parser().parse_args([a for a in argv if not a.startswith(CONFIG_PREFIX)])
     args.config_overrides = overrides
+    if args.command in STEP_COMMANDS and not getattr(args, "compile_only", False):
+        tune_malloc_for_xla_cpu()  # before XLA's threads first allocate (parsing starts none)
     from xllava_jax.train.errors import Preempted
 
     try:
