@@ -10,8 +10,8 @@ temporaries, keeps the freed block in the heap for the next execution instead (B
 The price is slower compilation (with one arena XLA compiles about 1.5 times slower: a demo step in 2.9 s instead of
 1.9 s), so only the commands whose time goes into many runs of one compiled step (`xllava train`, but not
 `--compile-only`, and `xllava demo`) apply it, right after parsing their arguments, before XLA's threads first
-allocate. Only CPU-only processes are tuned (on a GPU or
-TPU host the device buffers do not come from malloc), only on glibc, and never over a user's own malloc settings.
+allocate. Only CPU-only processes are tuned (on a GPU or TPU host the device buffers do not come from malloc), only
+on glibc, and never over a user's own malloc settings.
 """
 
 from __future__ import annotations
